@@ -1,0 +1,34 @@
+"""What every command line shares: logging and one-line errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from mops.errors import UserError
+
+
+def setup_logging(quiet: bool) -> None:
+    """INFO logs and progress bars, or (quiet) only warnings and the final summary."""
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_warning()
+        datasets.disable_progress_bars()
+
+
+def run_cli(main, argv=None) -> int:
+    """Run ``main(argv)``; a UserError becomes one line on stderr and exit code 2."""
+    prog = sys.argv[0].rsplit("/", 1)[-1] if sys.argv and sys.argv[0] else "mops"
+    try:
+        main(argv)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0

