@@ -103,13 +103,24 @@ def _oneshot(model, config: PruneConfig, calibration: torch.Tensor, tokenizer, q
 
 @contextlib.contextmanager
 def _quiet_llmcompressor(quiet: bool):
-    """llm-compressor logs every module through loguru; keep that out of a quiet run."""
+    """llm-compressor logs every module (loguru) and draws its own progress bars on
+    stderr; a quiet run keeps that chatter and shows it only if the run fails."""
+    if not quiet:
+        yield
+        return
+    import io
+    import sys
+
     from loguru import logger
 
-    if quiet:
-        logger.disable("llmcompressor")
+    logger.disable("llmcompressor")
+    captured = io.StringIO()
     try:
-        yield
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue()[-4000:])
+        raise
     finally:
         logger.enable("llmcompressor")
 
