@@ -114,6 +114,7 @@ def _quiet_llmcompressor(quiet: bool):
     from loguru import logger
 
     logger.disable("llmcompressor")
+    logger.disable("compressed_tensors")
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -123,6 +124,7 @@ def _quiet_llmcompressor(quiet: bool):
         raise
     finally:
         logger.enable("llmcompressor")
+        logger.enable("compressed_tensors")
 
 
 def save_checkpoint(model, tokenizer, folder) -> None:

@@ -1,0 +1,107 @@
+"""The Mixture of Prompts: K experts, a gate, and how their outputs combine.
+
+Given the hidden states of the gate layer and the instruction mask, a ``Mixture``
+returns the prompt vectors to prepend at the injection layer, an optional additive
+attention bias toward them, and the gate weights (METHOD.md section 2):
+
+- ``interpolate``: one m x d prompt per input, P(x) = sum_k w_k(x) P_k;
+- ``attention``: all K*m expert vectors, and log w_k(x) added to every input token's
+  attention logits toward expert k's positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from mops.errors import UserError
+from mops.experts import PromptExperts
+from mops.gates import AttemptGate, MoPsGate, UniformGate
+
+GATES = ("mops", "attempt", "uniform", "single")
+COMBINES = ("interpolate", "attention")
+
+
+@dataclass
+class MixtureConfig:
+    n_experts: int = 4
+    prompt_len: int = 20
+    gate: str = "mops"
+    combine: str = "interpolate"
+    gate_layer: int | None = None  # None: round(0.3 * L)
+    inject_layer: int | None = None  # None: the gate layer
+    gate_hidden: int = 128
+    temperature: float = 1.0
+
+    def resolved(self, n_layers: int) -> "MixtureConfig":
+        """A copy with the layer defaults filled in, validated against the model's depth."""
+        c = MixtureConfig(**asdict(self))
+        if c.gate_layer is None:
+            c.gate_layer = round(0.3 * n_layers)
+        if c.inject_layer is None:
+            c.inject_layer = c.gate_layer
+        if c.n_experts < 1:
+            raise UserError(f"--experts {c.n_experts}: expected at least 1")
+        if c.prompt_len < 0:
+            raise UserError(f"--prompt-len {c.prompt_len}: expected 0 or more prompt vectors per expert")
+        if c.gate not in GATES:
+            raise UserError(f"--gate {c.gate!r}: expected one of {', '.join(GATES)}")
+        if c.combine not in COMBINES:
+            raise UserError(f"--combine {c.combine!r}: expected one of {', '.join(COMBINES)}")
+        if c.gate == "single" and c.n_experts != 1:
+            raise UserError(f"--gate single is one prompt: use --experts 1 (got {c.n_experts})")
+        for flag, value in (("--gate-layer", c.gate_layer), ("--inject-layer", c.inject_layer)):
+            if not 0 <= value <= n_layers:
+                raise UserError(f"{flag} {value}: expected a layer in [0, {n_layers}] for this {n_layers}-layer model")
+        if c.gate_hidden < 1 or c.temperature <= 0:
+            raise UserError(f"--gate-hidden {c.gate_hidden} / --temperature {c.temperature}: expected positive values")
+        return c
+
+    @property
+    def prefix_len(self) -> int:
+        """Positions prepended at the injection layer."""
+        k = self.n_experts + (1 if self.gate == "attempt" else 0)
+        return self.prompt_len * (k if self.combine == "attention" else 1)
+
+
+class Mixture(nn.Module):
+    def __init__(self, config: MixtureConfig, width: int, init: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        K, m = config.n_experts, config.prompt_len
+        self.experts = PromptExperts(K, m, width, None if init is None else init[:K])
+        if config.gate == "mops":
+            self.gate = MoPsGate(width, K, config.gate_hidden, config.temperature)
+        elif config.gate == "attempt":
+            self.gate = AttemptGate(width, K, config.gate_hidden)
+            target = torch.zeros(m, width) if init is None else init[K]
+            self.target = nn.Parameter(target.detach().clone().float())  # ATTEMPT's always-added target prompt
+        else:
+            self.gate = UniformGate(K)
+
+    @property
+    def needs_gate_states(self) -> bool:
+        return not isinstance(self.gate, UniformGate)
+
+    def gate_weights(self, hidden: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+        if not self.needs_gate_states:
+            return torch.full((batch, self.config.n_experts), 1.0 / self.config.n_experts, device=self.experts.weight.device)
+        return self.gate(hidden, mask, self.experts())
+
+    def forward(self, weights: torch.Tensor):
+        """Gate weights (B x K) -> (prompt B x M x d, attention bias B x M or None)."""
+        P = self.experts()
+        B, (K, m, d) = weights.shape[0], P.shape
+        if self.config.combine == "interpolate":
+            prompt = torch.einsum("bk,kmd->bmd", weights.to(P.dtype), P)
+            if self.config.gate == "attempt":
+                prompt = prompt + self.target
+            return prompt, None
+        groups = P.reshape(K * m, d)
+        bias = torch.log(weights.clamp_min(1e-30)).repeat_interleave(m, dim=1)  # B x K*m
+        if self.config.gate == "attempt":
+            groups = torch.cat([self.target, groups])
+            bias = torch.cat([bias.new_zeros(B, m), bias], dim=1)
+        return groups.unsqueeze(0).expand(B, -1, -1), bias

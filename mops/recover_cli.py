@@ -1,0 +1,127 @@
+"""``mops-recover``: train a Mixture of Prompts on a frozen (pruned) checkpoint.
+
+The base model is loaded frozen and never changes (its weights, and so its sparsity,
+are bitwise the same after training). The adapter folder (``mops_config.json`` +
+``mops_model.safetensors`` + ``history.json``) is written atomically; while training,
+checkpoints go to a hidden folder beside it, which ``--resume`` continues from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from mops.adapter import save_adapter, weights_hash
+from mops.cli_common import run_cli, setup_logging
+from mops.data import load_records, split_records
+from mops.errors import UserError
+from mops.mixture import COMBINES, GATES, MixtureConfig
+from mops.models import load_model
+from mops.outputs import check_output_dir
+from mops.train import MIXED_PRECISION, TrainConfig, recover
+
+EPILOG = """example (the README's main job, after `prune`):
+  mops-recover --base runs/demo/sparsegpt-2of4 --data dolly --data natural-instructions \\
+      --experts 4 --prompt-len 10 --gate mops --combine interpolate --steps 100 --out runs/demo/mops
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="mops-recover", description=__doc__, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True, help="the (pruned) checkpoint to steer: a folder, .gguf, or smollm2-135m")
+    p.add_argument("--data", action="append", required=True,
+                   help="instruction source, repeatable: dolly, natural-instructions, gsm8k, alpaca-eval, mmlu, "
+                        "a .jsonl path [#field=key,...], or hf:org/name")
+    p.add_argument("--limit-per-source", type=int, help="at most this many records of each source, stratified")
+    m = p.add_argument_group("the mixture")
+    m.add_argument("--experts", type=int, default=4, help="K, the number of prompt experts (default: 4)")
+    m.add_argument("--prompt-len", type=int, default=20, help="m, vectors per expert (default: 20)")
+    m.add_argument("--gate", default="mops", help=f"{', '.join(GATES)}: the MoPs MLP gate, ATTEMPT's attention "
+                   "gate, fixed equal weights, or one prompt (K = 1) (default: mops)")
+    m.add_argument("--combine", default="interpolate", help=f"{', '.join(COMBINES)}: prepend the weighted sum of "
+                   "the experts (m positions), or all K*m vectors with log-weights on the attention (default: interpolate)")
+    m.add_argument("--gate-layer", type=int, help="g: the gate reads the states entering layer g (default: round(0.3 L))")
+    m.add_argument("--inject-layer", type=int, help="l: the prompt is prepended entering layer l; 0 is classic "
+                   "prompt tuning (default: g)")
+    m.add_argument("--gate-hidden", type=int, default=128, help="r, the gate MLP's hidden width (default: 128)")
+    m.add_argument("--temperature", type=float, default=1.0, help="tau of the MoPs gate's softmax (default: 1)")
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per micro-batch (default: {d.batch_size})")
+    t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: 1)")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"experts' learning rate (default: {d.lr})")
+    t.add_argument("--gate-lr", type=float, default=d.gate_lr, help=f"gate's learning rate in joint training (default: {d.gate_lr})")
+    t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
+                   help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
+    t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr, help=f"(default: {d.gate_pretrain_lr})")
+    t.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per example (default: {d.max_len})")
+    t.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation perplexity every N steps (default: {d.eval_every})")
+    t.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"validation examples, stratified (default: {d.eval_examples})")
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default: {d.checkpoint_every})")
+    t.add_argument("--mixed-precision", default="no", help=f"{', '.join(MIXED_PRECISION)} (default: no)")
+    t.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and batch order (default: 0)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--out", required=True, help="adapter folder to write")
+    p.add_argument("--force", action="store_true", help="replace an adapter folder that already holds files")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def checkpoint_dir_for(out) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoint"
+
+
+def main(argv=None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.quiet)
+    mixture = MixtureConfig(args.experts, args.prompt_len, args.gate, args.combine, args.gate_layer,
+                            args.inject_layer, args.gate_hidden, args.temperature)
+    config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
+                         args.gate_pretrain_lr, max_len=args.max_len, eval_every=args.eval_every,
+                         eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
+                         mixed_precision=args.mixed_precision)
+    config.validate()
+    if args.limit_per_source is not None and args.limit_per_source < 1:
+        raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")
+    check_output_dir(args.out, args.force)
+    records = load_records(args.data, args.limit_per_source, args.seed)
+    model, tokenizer = load_model(args.base, device=args.device)
+    mixture.resolved(model.config.num_hidden_layers)  # bad layers or sizes fail before any work
+    base_hash = weights_hash(model)
+    splits = split_records(records, args.seed)
+    lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
+                          resume=args.resume, progress=not args.quiet, device=args.device)
+    if weights_hash(model) != base_hash:  # cannot happen unless a bug trains the base; never ship that
+        raise RuntimeError("the base model's weights changed during training")
+    extra = {"data": args.data, "limit_per_source": args.limit_per_source, "training": asdict(config),
+             "split_sizes": {k: len(v) for k, v in splits.items()}}
+    out = save_adapter(lm, args.out, base_name=args.base, base_hash=base_hash, extra=extra, history=history,
+                       force=args.force)
+    shutil.rmtree(checkpoint_dir_for(args.out), ignore_errors=True)  # the adapter is complete; the checkpoint is spent
+    print(summary(history, out))
+
+
+def summary(history: dict, out) -> str:
+    val = history["validation"]
+    lines = [f"adapter -> {out}"]
+    if val:
+        lines.append(f"  validation response ppl: {val[0]['ppl']:.2f} at step {val[0]['step']} -> "
+                     f"{val[-1]['ppl']:.2f} at step {val[-1]['step']}")
+    if history["train_loss"]:
+        lines.append(f"  train loss: {history['train_loss'][0]:.3f} -> {history['train_loss'][-1]:.3f}")
+    return "\n".join(lines)
+
+
+def entry(argv=None) -> int:
+    return run_cli(main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

@@ -1,0 +1,320 @@
+"""``recover(model, tokenizer, splits, mixture, train) -> PromptedLM``: train a Mixture of
+Prompts on a frozen (pruned) model.
+
+1. Experts start from real activations entering the injection layer (for l = 0,
+   embeddings of random vocabulary tokens, as Lester et al.), so their scale matches the
+   residual stream there.
+2. Gate pretraining (experts frozen): a classifier from the pooled instruction states to
+   the example's category, category c -> expert c mod K.
+3. Joint training: response-only LM loss, AdamW with two learning rates (experts, gate),
+   gradient accumulation, accelerate for device placement and mixed precision,
+   validation perplexity every ``eval_every`` steps, and a checkpoint every
+   ``checkpoint_every`` steps that ``resume=True`` continues from, exactly.
+
+Batches are a pure function of (seed, step), so a resumed run sees the same batches as an
+uninterrupted one and ends with the same adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
+from mops.errors import UserError
+from mops.injection import PromptedLM
+from mops.mixture import Mixture, MixtureConfig
+
+log = logging.getLogger(__name__)
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 3e-2  # experts (and ATTEMPT's target prompt)
+    gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates
+    gate_pretrain_steps: int = 50
+    gate_pretrain_lr: float = 1e-2
+    gate_pretrain_examples: int = 512
+    max_len: int = 256
+    eval_every: int = 50
+    eval_examples: int = 64
+    checkpoint_every: int = 50
+    seed: int = 0
+    mixed_precision: str = "no"
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "checkpoint_every",
+                     "gate_pretrain_examples", "eval_examples"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive whole number")
+        if self.gate_pretrain_steps < 0:
+            raise UserError(f"--gate-pretrain-steps {self.gate_pretrain_steps}: expected 0 or more")
+        for name in ("lr", "gate_lr", "gate_pretrain_lr"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive learning rate")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(f"--mixed-precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def category_targets(records: list[InstructionRecord], n_experts: int) -> tuple[list[int], list[str]]:
+    """Category c (in sorted order) -> expert c mod K."""
+    categories = sorted({r.category for r in records})
+    index = {c: i % n_experts for i, c in enumerate(categories)}
+    return [index[r.category] for r in records], categories
+
+
+def gate_mask_of(batch_examples: list[EncodedExample], width: int) -> torch.Tensor:
+    """Instruction tokens only (right padding): never the response, never padding."""
+    mask = torch.zeros(len(batch_examples), width, dtype=torch.bool)
+    for i, e in enumerate(batch_examples):
+        mask[i, : e.prompt_len] = True
+    return mask
+
+
+def collate(examples: list[EncodedExample], pad_id: int, device) -> dict:
+    batch = pad_batch(examples, pad_id, side="right")
+    batch["gate_mask"] = gate_mask_of(examples, batch["input_ids"].shape[1])
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def initial_experts(model, tokenizer, examples: list[EncodedExample], n_vectors: int, inject_layer: int,
+                    seed: int) -> torch.Tensor:
+    """``n_vectors`` x d starting points at the scale of the residual stream entering layer l."""
+    gen = torch.Generator().manual_seed(seed)
+    embed = model.model.embed_tokens.weight
+    if inject_layer == 0:
+        ids = torch.randint(0, embed.shape[0], (n_vectors,), generator=gen)
+        return embed[ids.to(embed.device)].float().cpu()
+    probe = PromptedLM(model, Mixture(MixtureConfig(1, 0, "uniform", gate_layer=0, inject_layer=inject_layer), embed.shape[1]))
+    order = torch.randperm(len(examples), generator=gen).tolist()
+    vectors = []
+    for start in range(0, len(order), 8):
+        batch = collate([examples[i] for i in order[start : start + 8]], tokenizer.pad_token_id, embed.device)
+        hidden, _, _ = probe.lower(batch["input_ids"], batch["attention_mask"], batch["gate_mask"])
+        vectors.append(hidden[batch["attention_mask"].bool()].float().cpu())
+        if sum(len(v) for v in vectors) >= 4 * n_vectors:
+            break
+    pool = torch.cat(vectors)
+    return pool[torch.randperm(len(pool), generator=gen)[:n_vectors]]
+
+
+class BatchOrder:
+    """Micro-batch ``j`` of step ``s``: a pure function of (seed, s, j), epoch by epoch."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int):
+        self.n, self.bs, self.accum, self.seed = n, batch_size, grad_accum, seed
+        self._epochs: dict[int, list[int]] = {}
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        start = (step * self.accum + micro) * self.bs
+        out = []
+        for pos in range(start, start + self.bs):
+            epoch, offset = divmod(pos, self.n)
+            if epoch not in self._epochs:
+                perm = list(range(self.n))
+                random.Random(f"{self.seed}/epoch{epoch}").shuffle(perm)
+                self._epochs = {epoch: perm}
+            out.append(self._epochs[epoch][offset])
+        return out
+
+
+@torch.no_grad()
+def evaluate(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, batch_size: int = 8) -> dict:
+    """Response perplexity through the prompted model, overall and per category."""
+    device = next(lm.parameters()).device
+    sums, counts = {}, {}
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        batch = collate(chunk, pad_id, device)
+        out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"], return_logits=False)
+        for e, nll, n in zip(chunk, out.row_nll.tolist(), out.row_tokens.tolist()):
+            sums[e.category] = sums.get(e.category, 0.0) + nll
+            counts[e.category] = counts.get(e.category, 0) + n
+    total, n = sum(sums.values()), sum(counts.values())
+    return {"ppl": math.exp(total / n), "per_category": {c: math.exp(sums[c] / counts[c]) for c in sorted(sums)},
+            "examples": len(examples), "tokens": n}
+
+
+@torch.no_grad()
+def pooled_gate_inputs(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, batch_size: int = 8) -> torch.Tensor:
+    """Each example's pooled instruction states at the gate layer (one partial forward each)."""
+    device = next(lm.parameters()).device
+    pooled = []
+    for start in range(0, len(examples), batch_size):
+        batch = collate(examples[start : start + batch_size], pad_id, device)
+        _, states, _ = lm.lower(batch["input_ids"], batch["attention_mask"], batch["gate_mask"])
+        pooled.append(lm.mixture.gate.pool(states, batch["gate_mask"] & batch["attention_mask"].bool()))
+    return torch.cat(pooled)
+
+
+def pretrain_gate(lm: PromptedLM, examples: list[EncodedExample], targets: list[int], config: TrainConfig,
+                  pad_id: int, progress: bool) -> list[float]:
+    """Fit the gate as a classifier, category -> expert, with the experts frozen."""
+    gate = lm.mixture.gate
+    pooled = pooled_gate_inputs(lm, examples, pad_id)
+    y = torch.tensor(targets, device=pooled.device)
+    experts = lm.mixture.experts().detach()
+    opt = torch.optim.AdamW(gate.parameters(), lr=config.gate_pretrain_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for _ in tqdm(range(config.gate_pretrain_steps), desc="gate pretraining", disable=not progress, leave=False):
+        idx = torch.randint(0, len(y), (min(64, len(y)),), generator=gen).to(y.device)
+        weights = gate.from_pooled(pooled[idx], experts)
+        loss = torch.nn.functional.nll_loss(torch.log(weights.clamp_min(1e-12)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed: int) -> PromptedLM:
+    c = mixture.resolved(model.config.num_hidden_layers)
+    n_prompts = c.n_experts + (1 if c.gate == "attempt" else 0)
+    init = initial_experts(model, tokenizer, train_examples, n_prompts * c.prompt_len, c.inject_layer, seed)
+    init = init.reshape(n_prompts, c.prompt_len, -1)
+    torch.manual_seed(seed)  # the gate's own initialisation
+    device = next(model.parameters()).device
+    return PromptedLM(model, Mixture(c, model.config.hidden_size, init=init).to(device))
+
+
+def trainable_groups(lm: PromptedLM, config: TrainConfig) -> list[dict]:
+    gate = [p for p in lm.mixture.gate.parameters() if p.requires_grad]
+    prompts = [p for n, p in lm.mixture.named_parameters() if not n.startswith("gate.")]
+    groups = [{"params": prompts, "lr": config.lr, "name": "experts"}]
+    if gate:
+        groups.append({"params": gate, "lr": config.gate_lr, "name": "gate"})
+    return groups
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CKPT_STATE = "trainer_state.json"
+
+
+def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict) -> None:
+    """Atomically replace ``folder`` with the state after ``step`` optimizer steps."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in lm.mixture.state_dict().items()}, tmp / "mixture.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / CKPT_STATE).write_text(json.dumps({"step": step, "history": history}))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, lm: PromptedLM, optimizer) -> tuple[int, dict]:
+    lm.mixture.load_state_dict(load_file(folder / "mixture.safetensors"))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    state = json.loads((folder / CKPT_STATE).read_text())
+    return state["step"], state["history"]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixture: MixtureConfig,
+            config: TrainConfig, checkpoint_dir=None, resume: bool = False, progress: bool = True,
+            on_step: Callable[[int, dict], None] | None = None, device: str | None = None) -> tuple[PromptedLM, dict]:
+    """Train a mixture on ``splits['train']``; return the prompted model and the history."""
+    from accelerate import Accelerator
+
+    config.validate()
+    train_records = splits["train"]
+    if not train_records:
+        raise UserError("no training records")
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=(device or str(model.device)) == "cpu")
+    model.to(accelerator.device)
+    pad_id = tokenizer.pad_token_id
+    train = [encode_example(tokenizer, r, config.max_len) for r in train_records]
+    val_records = stratified_subset(splits.get("validation", []), config.eval_examples, config.seed)
+    val = [encode_example(tokenizer, r, config.max_len) for r in val_records]
+
+    lm = build_mixture(model, tokenizer, train, mixture, config.seed)
+    c = lm.mixture.config
+    wants_pretraining = lm.mixture.needs_gate_states and config.gate_pretrain_steps > 0
+    if wants_pretraining:
+        categories = {r.category for r in train_records}
+        if len(categories) < 2:
+            raise UserError(f"gate pretraining needs records of at least 2 categories, found {sorted(categories)}; "
+                            "map a category field (path.jsonl#...,category=FIELD) or pass --gate-pretrain-steps 0")
+    optimizer = torch.optim.AdamW(trainable_groups(lm, config), weight_decay=0.0)
+    history = {"train_loss": [], "validation": [], "gate_pretrain_loss": []}
+    step = 0
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if resume:
+        if not checkpoint_dir or not (checkpoint_dir / CKPT_STATE).is_file():
+            raise UserError(f"--resume: no checkpoint at {checkpoint_dir}; start without --resume")
+        step, history = load_checkpoint(checkpoint_dir, lm, optimizer)
+        log.info("resumed from step %d of %d", step, config.steps)
+    else:
+        if wants_pretraining:
+            subset = stratified_subset(train_records, config.gate_pretrain_examples, config.seed)
+            targets, _ = category_targets(subset, c.n_experts)
+            sub_examples = [encode_example(tokenizer, r, config.max_len) for r in subset]
+            history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, pad_id, progress)
+        if val:
+            history["validation"].append({"step": 0, **evaluate(lm, val, pad_id)})
+        if checkpoint_dir:
+            save_checkpoint(checkpoint_dir, lm, optimizer, 0, history)
+
+    lm, optimizer = accelerator.prepare(lm, optimizer)
+    inner = accelerator.unwrap_model(lm)
+    order = BatchOrder(len(train), config.batch_size, config.grad_accum, config.seed)
+    bar = tqdm(total=config.steps, initial=step, desc="mops-recover", disable=not progress)
+    started = time.perf_counter()
+    while step < config.steps:
+        optimizer.zero_grad()
+        loss_sum = 0.0
+        for micro in range(config.grad_accum):
+            batch = collate([train[i] for i in order.indices(step, micro)], pad_id, accelerator.device)
+            with accelerator.autocast():
+                out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"],
+                         return_logits=False)
+            accelerator.backward(out.loss / config.grad_accum)
+            loss_sum += out.loss.item() / config.grad_accum
+        optimizer.step()
+        step += 1
+        history["train_loss"].append(loss_sum)
+        postfix = {"loss": f"{loss_sum:.3f}"}
+        if val and (step % config.eval_every == 0 or step == config.steps):
+            history["validation"].append({"step": step, **evaluate(inner, val, pad_id)})
+        if history["validation"]:
+            postfix["val_ppl"] = f"{history['validation'][-1]['ppl']:.2f}"
+        bar.set_postfix(postfix)
+        bar.update(1)
+        if checkpoint_dir and (step % config.checkpoint_every == 0 or step == config.steps):
+            save_checkpoint(checkpoint_dir, inner, optimizer, step, history)
+        if on_step:
+            on_step(step, history)
+    bar.close()
+    history["train_seconds_this_run"] = time.perf_counter() - started
+    return inner.eval(), history
+
+
+def run_settings(mixture: MixtureConfig, config: TrainConfig) -> dict:
+    return {"mixture": asdict(mixture), "training": asdict(config)}
