@@ -1,0 +1,164 @@
+"""Training, adapters on disk, resume, and the mops-recover command on a tiny model."""
+
+import json
+
+import pytest
+import torch
+
+import mops
+from mops.adapter import save_adapter, weights_hash
+from mops.data import load_records, split_records
+from mops.errors import UserError
+from mops.mixture import MixtureConfig
+from mops.models import load_model
+from mops.recover_cli import checkpoint_dir_for, entry
+from mops.train import TrainConfig, pooled_gate_inputs, category_targets, recover
+from mops.data import encode_example
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return split_records(load_records(["dolly", "natural-instructions"], limit_per_source=80))
+
+
+def small(**kw):
+    defaults = dict(steps=4, batch_size=2, eval_every=2, eval_examples=8, gate_pretrain_steps=10,
+                    gate_pretrain_examples=64, max_len=96, checkpoint_every=2)
+    return TrainConfig(**{**defaults, **kw})
+
+
+def test_only_experts_and_gate_train_and_the_base_is_bitwise_unchanged(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    before = weights_hash(model)
+    mixture = MixtureConfig(n_experts=3, prompt_len=4, gate="mops", gate_layer=1)
+    lm, history = recover(model, tok, splits, mixture, small(), progress=False)
+    assert weights_hash(model) == before
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable == {"mixture.experts.weight", "mixture.gate.down.weight", "mixture.gate.down.bias",
+                         "mixture.gate.up.weight", "mixture.gate.up.bias"}
+    assert len(history["train_loss"]) == 4 and [v["step"] for v in history["validation"]] == [0, 2, 4]
+    assert len(history["gate_pretrain_loss"]) == 10
+    assert history["gate_pretrain_loss"][-1] < history["gate_pretrain_loss"][0]
+
+
+def test_experts_start_at_the_scale_of_the_residual_stream(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    lm, _ = recover(model, tok, splits, MixtureConfig(n_experts=2, prompt_len=8, gate="uniform", inject_layer=1),
+                    small(steps=1), progress=False)
+    ids = torch.tensor([encode_example(tok, splits["train"][0]).input_ids])
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[1]  # entering layer 1
+    ratio = lm.mixture.experts.weight.norm(dim=-1).mean() / hidden.norm(dim=-1).mean()
+    assert 0.5 < ratio < 2.0
+
+
+def test_save_load_roundtrip_and_a_different_base_is_refused(tmp_path, tiny_dir, tiny_untied_dir, splits):
+    model, tok = load_model(tiny_dir)
+    lm, _ = recover(model, tok, splits, MixtureConfig(n_experts=2, prompt_len=3, gate="attempt", combine="attention",
+                                                      gate_layer=1), small(steps=2), progress=False)
+    save_adapter(lm, tmp_path / "ad", base_name=tiny_dir)
+    loaded = mops.load(tiny_dir, tmp_path / "ad")
+    ids = torch.randint(3, 2000, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(lm(ids).logits, loaded(ids).logits)
+    assert torch.equal(lm.generate(ids[:1], max_new_tokens=4), loaded.generate(ids[:1], max_new_tokens=4))
+    with pytest.raises(UserError, match="was trained on .* not on this base"):
+        mops.load(tiny_untied_dir, tmp_path / "ad")
+    with pytest.raises(UserError, match="no mops_config.json"):
+        mops.load(tiny_dir, tmp_path / "missing")
+
+
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_dir, splits):
+    mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
+    config = small(steps=6, checkpoint_every=2, eval_every=3)
+    model, tok = load_model(tiny_dir)
+    whole, whole_history = recover(model, tok, splits, mixture, config, checkpoint_dir=tmp_path / "a", progress=False)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, history):
+        if step == 5:
+            raise Killed  # after the step-4 checkpoint, before the step-6 one
+
+    model, tok = load_model(tiny_dir)
+    with pytest.raises(Killed):
+        recover(model, tok, splits, mixture, config, checkpoint_dir=tmp_path / "b", progress=False, on_step=kill_at_5)
+    assert json.loads((tmp_path / "b" / "trainer_state.json").read_text())["step"] == 4
+    model, tok = load_model(tiny_dir)
+    resumed, resumed_history = recover(model, tok, splits, mixture, config, checkpoint_dir=tmp_path / "b",
+                                       resume=True, progress=False)
+    for (name, a), (_, b) in zip(whole.mixture.state_dict().items(), resumed.mixture.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert resumed_history["train_loss"] == whole_history["train_loss"]
+
+
+def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    K = 4
+    lm, _ = recover(model, tok, splits, MixtureConfig(n_experts=K, prompt_len=2, gate="mops", gate_layer=2),
+                    small(steps=1, gate_pretrain_steps=150, gate_pretrain_examples=400, gate_pretrain_lr=3e-2),
+                    progress=False)
+    test = splits["test"]
+    targets, _ = category_targets(test, K)  # same sorted categories as training: all 16 appear in both
+    examples = [encode_example(tok, r, 96) for r in test]
+    with torch.no_grad():
+        weights = lm.mixture.gate.from_pooled(pooled_gate_inputs(lm, examples, tok.pad_token_id), lm.mixture.experts())
+    hits = (weights.argmax(1) == torch.tensor(targets)).float().mean().item()
+    assert hits > 2 / K  # chance is 1/K
+
+
+BAD = [
+    (["--experts", "0"], "--experts 0"),
+    (["--prompt-len", "-2"], "--prompt-len -2"),
+    (["--gate-layer", "7"], "--gate-layer 7: expected a layer in [0, 2]"),
+    (["--inject-layer", "-1"], "--inject-layer -1"),
+    (["--gate", "router"], "--gate 'router'"),
+    (["--steps", "0"], "--steps 0"),
+    (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_recover_input_gets_one_line_errors(tmp_path, tiny_dir, capsys, argv, message):
+    code = entry(["--base", tiny_dir, "--data", "dolly", "--limit-per-source", "20", "--out", str(tmp_path / "ad"),
+                  "--quiet", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_pretraining_needs_categories(tmp_path, tiny_dir, capsys):
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"q": f"question {i}", "a": f"answer {i}"}) + "\n" for i in range(30)))
+    code = entry(["--base", tiny_dir, "--data", f"{data}#instruction=q,response=a", "--out", str(tmp_path / "ad"),
+                  "--steps", "1", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "gate pretraining needs records of at least 2 categories" in err
+    assert not (tmp_path / "ad").exists()
+
+
+def test_a_base_that_is_not_a_causal_lm_is_refused(tmp_path, capsys):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1).save_pretrained(tmp_path / "t5")
+    code = entry(["--base", str(tmp_path / "t5"), "--data", "dolly", "--out", str(tmp_path / "ad"), "--quiet"])
+    assert code == 2 and "is not a causal LM" in capsys.readouterr().err
+
+
+def test_mops_recover_cli_writes_a_loadable_adapter_and_resumes(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "ad"
+    argv = ["--base", tiny_dir, "--data", "dolly", "--data", "natural-instructions", "--limit-per-source", "40",
+            "--experts", "2", "--prompt-len", "3", "--steps", "3", "--eval-every", "3", "--eval-examples", "8",
+            "--gate-pretrain-steps", "5", "--max-len", "96", "--out", str(out), "--quiet"]
+    assert entry(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "validation response ppl" in stdout
+    config = json.loads((out / "mops_config.json").read_text())
+    assert config["mixture"]["gate_layer"] == 1 and config["mixture"]["inject_layer"] == 1  # round(0.3 * 2)
+    assert config["data"] == ["dolly", "natural-instructions"] and config["training"]["steps"] == 3
+    assert json.loads((out / "history.json").read_text())["train_loss"]
+    assert not checkpoint_dir_for(out).exists()
+    assert mops.load(tiny_dir, out).mixture.config.n_experts == 2
+    code = entry(argv[:-3] + ["--out", str(tmp_path / "other"), "--resume", "--quiet"])
+    assert code == 2 and "--resume: no checkpoint" in capsys.readouterr().err
