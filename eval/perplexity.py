@@ -19,6 +19,11 @@ from tqdm.auto import tqdm
 
 from mops.data import encode_example, heldout_records, pad_batch, wikitext_text
 from mops.errors import UserError
+from mops.injection import PromptedLM
+
+
+#: Tokens per example in held-out response perplexity: every table in the toolkit uses it.
+RESPONSE_MAX_LEN = 512
 
 
 def token_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor):
@@ -56,9 +61,13 @@ def wikitext_perplexity(model, tokenizer, seq_len: int = 2048, max_windows: int 
 
 
 @torch.no_grad()
-def response_perplexity(model, tokenizer, records, max_len: int = 512, batch_size: int = 8,
+def response_perplexity(model, tokenizer, records, max_len: int = RESPONSE_MAX_LEN, batch_size: int = 8,
                         progress: bool = True) -> dict:
-    """Perplexity of the responses given their prompts; overall and per category."""
+    """Perplexity of the responses given their prompts; overall and per category.
+
+    ``model`` is a Hugging Face causal LM or a prompted model (``mops.injection.PromptedLM``,
+    whose gate then sees the instruction tokens only).
+    """
     if not records:
         raise UserError("response perplexity needs at least one record")
     examples = [encode_example(tokenizer, r, max_len) for r in records]
@@ -69,9 +78,8 @@ def response_perplexity(model, tokenizer, records, max_len: int = 512, batch_siz
     for start in tqdm(range(0, len(order), batch_size), desc="response ppl", disable=not progress, leave=False):
         batch = [examples[i] for i in order[start : start + batch_size]]
         t = {k: v.to(device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
-        nll = token_nll(model, t["input_ids"], t["attention_mask"], t["labels"])
-        n_tokens = (t["labels"][:, 1:] != -100).sum(1)
-        for e, s, n in zip(batch, nll.sum(1).tolist(), n_tokens.tolist()):
+        row_nll, row_tokens = _response_nll(model, t)
+        for e, s, n in zip(batch, row_nll.tolist(), row_tokens.tolist()):
             sums[e.category] += s
             counts[e.category] += n
     total, count = sum(sums.values()), sum(counts.values())
@@ -82,6 +90,15 @@ def response_perplexity(model, tokenizer, records, max_len: int = 512, batch_siz
         "tokens": count,
         "max_len": max_len,
     }
+
+
+def _response_nll(model, t: dict):
+    """Summed response NLL and response token count of each row."""
+    if isinstance(model, PromptedLM):
+        out = model(t["input_ids"], t["attention_mask"], t["gate_mask"], t["labels"], return_logits=False)
+        return out.row_nll, out.row_tokens
+    nll = token_nll(model, t["input_ids"], t["attention_mask"], t["labels"])
+    return nll.sum(1), (t["labels"][:, 1:] != -100).sum(1)
 
 
 def perplexity_suite(model, tokenizer, seq_len: int = 2048, max_windows: int | None = None,

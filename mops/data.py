@@ -320,22 +320,21 @@ def encode_example(tokenizer, record: InstructionRecord, max_len: int = 512) -> 
 
 
 def pad_batch(examples: list[EncodedExample], pad_id: int, side: str = "right"):
-    """Stack examples into ``input_ids``, ``attention_mask``, ``labels`` tensors."""
+    """Stack examples into ``input_ids``, ``attention_mask``, ``labels`` and ``gate_mask``
+    (the instruction tokens: what a gate may look at; never the response, never padding)."""
     import torch
 
     width = max(len(e.input_ids) for e in examples)
-    ids, mask, labels = [], [], []
+    ids, mask, labels, gate = [], [], [], []
     for e in examples:
         pad = width - len(e.input_ids)
-        if side == "right":
-            ids.append(e.input_ids + [pad_id] * pad)
-            mask.append([1] * len(e.input_ids) + [0] * pad)
-            labels.append(e.labels + [-100] * pad)
-        else:
-            ids.append([pad_id] * pad + e.input_ids)
-            mask.append([0] * pad + [1] * len(e.input_ids))
-            labels.append([-100] * pad + e.labels)
-    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+        n, p = len(e.input_ids), e.prompt_len
+        row = (e.input_ids, [1] * n, e.labels, [True] * p + [False] * (n - p))
+        fill = ([pad_id] * pad, [0] * pad, [-100] * pad, [False] * pad)
+        for out, values, padding in zip((ids, mask, labels, gate), row, fill):
+            out.append(values + padding if side == "right" else padding + values)
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels),
+            "gate_mask": torch.tensor(gate, dtype=torch.bool)}
 
 
 # ----------------------------------------------------------------------------- plain text

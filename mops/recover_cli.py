@@ -16,7 +16,8 @@ from pathlib import Path
 
 from mops.adapter import save_adapter, weights_hash
 from mops.cli_common import run_cli, setup_logging
-from mops.data import load_records, split_records
+from mops.data import load_records, split_records, stratified_subset
+from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.errors import UserError
 from mops.mixture import COMBINES, GATES, MixtureConfig
 from mops.models import load_model
@@ -62,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per example (default: {d.max_len})")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation perplexity every N steps (default: {d.eval_every})")
     t.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"validation examples, stratified (default: {d.eval_examples})")
+    t.add_argument("--test-examples", type=int, default=160,
+                   help="after training, response perplexity of the base alone and with the adapter on this many "
+                        "held-out test examples, stratified; 0 skips it (default: 160)")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default: {d.checkpoint_every})")
     t.add_argument("--mixed-precision", default="no", help=f"{', '.join(MIXED_PRECISION)} (default: no)")
     t.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and batch order (default: 0)")
@@ -90,6 +94,8 @@ def main(argv=None) -> None:
     config.validate()
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")
+    if args.test_examples < 0:
+        raise UserError(f"--test-examples {args.test_examples}: expected 0 or more")
     check_output_dir(args.out, args.force)
     records = load_records(args.data, args.limit_per_source, args.seed)
     model, tokenizer = load_model(args.base, device=args.device)
@@ -98,6 +104,11 @@ def main(argv=None) -> None:
     splits = split_records(records, args.seed)
     lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
                           resume=args.resume, progress=not args.quiet, device=args.device)
+    if args.test_examples:
+        test = stratified_subset(splits["test"], args.test_examples, args.seed)
+        history["test"] = {"examples": len(test), "max_len": RESPONSE_MAX_LEN,
+                           "base": response_perplexity(model, tokenizer, test, progress=not args.quiet),
+                           "adapter": response_perplexity(lm, tokenizer, test, progress=not args.quiet)}
     if weights_hash(model) != base_hash:  # cannot happen unless a bug trains the base; never ship that
         raise RuntimeError("the base model's weights changed during training")
     extra = {"data": args.data, "limit_per_source": args.limit_per_source, "training": asdict(config),
@@ -116,6 +127,10 @@ def summary(history: dict, out) -> str:
                      f"{val[-1]['ppl']:.2f} at step {val[-1]['step']}")
     if history["train_loss"]:
         lines.append(f"  train loss: {history['train_loss'][0]:.3f} -> {history['train_loss'][-1]:.3f}")
+    if "test" in history:
+        t = history["test"]
+        lines.append(f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
+                     f"with adapter {t['adapter']['ppl']:.2f}")
     return "\n".join(lines)
 
 

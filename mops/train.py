@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import shutil
 import time
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
 from mops.errors import UserError
+from mops.eval.perplexity import response_perplexity
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
 
@@ -81,18 +81,8 @@ def category_targets(records: list[InstructionRecord], n_experts: int) -> tuple[
     return [index[r.category] for r in records], categories
 
 
-def gate_mask_of(batch_examples: list[EncodedExample], width: int) -> torch.Tensor:
-    """Instruction tokens only (right padding): never the response, never padding."""
-    mask = torch.zeros(len(batch_examples), width, dtype=torch.bool)
-    for i, e in enumerate(batch_examples):
-        mask[i, : e.prompt_len] = True
-    return mask
-
-
 def collate(examples: list[EncodedExample], pad_id: int, device) -> dict:
-    batch = pad_batch(examples, pad_id, side="right")
-    batch["gate_mask"] = gate_mask_of(examples, batch["input_ids"].shape[1])
-    return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in pad_batch(examples, pad_id, side="right").items()}
 
 
 @torch.no_grad()
@@ -135,24 +125,6 @@ class BatchOrder:
                 self._epochs = {epoch: perm}
             out.append(self._epochs[epoch][offset])
         return out
-
-
-@torch.no_grad()
-def evaluate(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, batch_size: int = 8) -> dict:
-    """Response perplexity through the prompted model, overall and per category."""
-    device = next(lm.parameters()).device
-    sums, counts = {}, {}
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    for start in range(0, len(order), batch_size):
-        chunk = [examples[i] for i in order[start : start + batch_size]]
-        batch = collate(chunk, pad_id, device)
-        out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"], return_logits=False)
-        for e, nll, n in zip(chunk, out.row_nll.tolist(), out.row_tokens.tolist()):
-            sums[e.category] = sums.get(e.category, 0.0) + nll
-            counts[e.category] = counts.get(e.category, 0) + n
-    total, n = sum(sums.values()), sum(counts.values())
-    return {"ppl": math.exp(total / n), "per_category": {c: math.exp(sums[c] / counts[c]) for c in sorted(sums)},
-            "examples": len(examples), "tokens": n}
 
 
 @torch.no_grad()
@@ -251,8 +223,10 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     model.to(accelerator.device)
     pad_id = tokenizer.pad_token_id
     train = [encode_example(tokenizer, r, config.max_len) for r in train_records]
-    val_records = stratified_subset(splits.get("validation", []), config.eval_examples, config.seed)
-    val = [encode_example(tokenizer, r, config.max_len) for r in val_records]
+    val = stratified_subset(splits.get("validation", []), config.eval_examples, config.seed)
+
+    def evaluate(prompted):
+        return response_perplexity(prompted, tokenizer, val, config.max_len, progress=False)
 
     lm = build_mixture(model, tokenizer, train, mixture, config.seed)
     c = lm.mixture.config
@@ -278,7 +252,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             sub_examples = [encode_example(tokenizer, r, config.max_len) for r in subset]
             history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, pad_id, progress)
         if val:
-            history["validation"].append({"step": 0, **evaluate(lm, val, pad_id)})
+            history["validation"].append({"step": 0, **evaluate(lm)})
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, lm, optimizer, 0, history)
 
@@ -302,7 +276,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         history["train_loss"].append(loss_sum)
         postfix = {"loss": f"{loss_sum:.3f}"}
         if val and (step % config.eval_every == 0 or step == config.steps):
-            history["validation"].append({"step": step, **evaluate(inner, val, pad_id)})
+            history["validation"].append({"step": step, **evaluate(inner)})
         if history["validation"]:
             postfix["val_ppl"] = f"{history['validation'][-1]['ppl']:.2f}"
         bar.set_postfix(postfix)
