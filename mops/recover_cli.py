@@ -14,7 +14,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from mops.adapter import save_adapter, weights_hash
+from mops.adapter import read_source_prompt, save_adapter, weights_hash
 from mops.cli_common import run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--gate-layer", type=int, help="g: the gate reads the states entering layer g (default: round(0.3 L))")
     m.add_argument("--inject-layer", type=int, help="l: the prompt is prepended entering layer l; 0 is classic "
                    "prompt tuning (default: g)")
+    m.add_argument("--source-prompt", action="append", default=[], metavar="ADAPTER",
+                   help="a single-prompt adapter (from --gate single) on the same base, repeatable: becomes a "
+                        "frozen expert, so a mixture can be composed from prompts trained earlier")
     m.add_argument("--gate-hidden", type=int, default=128, help="r, the gate MLP's hidden width (default: 128)")
     m.add_argument("--temperature", type=float, default=1.0, help="tau of the MoPs gate's softmax (default: 1)")
     t = p.add_argument_group("training")
@@ -99,11 +102,12 @@ def main(argv=None) -> None:
     check_output_dir(args.out, args.force)
     records = load_records(args.data, args.limit_per_source, args.seed)
     model, tokenizer = load_model(args.base, device=args.device)
-    mixture.resolved(model.config.num_hidden_layers)  # bad layers or sizes fail before any work
+    resolved = mixture.resolved(model.config.num_hidden_layers)  # bad layers or sizes fail before any work
     base_hash = weights_hash(model)
+    sources = [read_source_prompt(d, base_hash, resolved.prompt_len, model.config.hidden_size) for d in args.source_prompt]
     splits = split_records(records, args.seed)
     lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
-                          resume=args.resume, progress=not args.quiet, device=args.device)
+                          resume=args.resume, progress=not args.quiet, device=args.device, source_prompts=sources)
     if args.test_examples:
         test = stratified_subset(splits["test"], args.test_examples, args.seed)
         history["test"] = {"examples": len(test), "max_len": RESPONSE_MAX_LEN,
@@ -111,7 +115,7 @@ def main(argv=None) -> None:
                            "adapter": response_perplexity(lm, tokenizer, test, progress=not args.quiet)}
     if weights_hash(model) != base_hash:  # cannot happen unless a bug trains the base; never ship that
         raise RuntimeError("the base model's weights changed during training")
-    extra = {"data": args.data, "limit_per_source": args.limit_per_source, "training": asdict(config),
+    extra = {"data": args.data, "source_prompts": args.source_prompt, "limit_per_source": args.limit_per_source, "training": asdict(config),
              "split_sizes": {k: len(v) for k, v in splits.items()}}
     out = save_adapter(lm, args.out, base_name=args.base, base_hash=base_hash, extra=extra, history=history,
                        force=args.force)

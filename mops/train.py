@@ -211,8 +211,14 @@ def load_checkpoint(folder: Path, lm: PromptedLM, optimizer) -> tuple[int, dict]
 
 def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixture: MixtureConfig,
             config: TrainConfig, checkpoint_dir=None, resume: bool = False, progress: bool = True,
-            on_step: Callable[[int, dict], None] | None = None, device: str | None = None) -> tuple[PromptedLM, dict]:
-    """Train a mixture on ``splits['train']``; return the prompted model and the history."""
+            on_step: Callable[[int, dict], None] | None = None, device: str | None = None,
+            source_prompts: list[torch.Tensor] = ()) -> tuple[PromptedLM, dict]:
+    """Train a mixture on ``splits['train']``; return the prompted model and the history.
+
+    ``source_prompts`` (m x d each, e.g. from :func:`mops.adapter.read_source_prompt`)
+    become experts 0, 1, ... and stay frozen: a mixture composed of prompts trained
+    earlier on other tasks or sources, with the remaining experts and the gate trained.
+    """
     from accelerate import Accelerator
 
     config.validate()
@@ -230,6 +236,10 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
 
     lm = build_mixture(model, tokenizer, train, mixture, config.seed)
     c = lm.mixture.config
+    if len(source_prompts) > c.n_experts:
+        raise UserError(f"{len(source_prompts)} source prompts for {c.n_experts} experts; raise --experts")
+    for i, prompt in enumerate(source_prompts):
+        lm.mixture.experts.freeze(i, prompt)
     wants_pretraining = lm.mixture.needs_gate_states and config.gate_pretrain_steps > 0
     if wants_pretraining:
         categories = {r.category for r in train_records}

@@ -162,3 +162,19 @@ def test_mops_recover_cli_writes_a_loadable_adapter_and_resumes(tmp_path, tiny_d
     assert mops.load(tiny_dir, out).mixture.config.n_experts == 2
     code = entry(argv[:-3] + ["--out", str(tmp_path / "other"), "--resume", "--quiet"])
     assert code == 2 and "--resume: no checkpoint" in capsys.readouterr().err
+
+
+def test_a_mixture_composed_from_an_earlier_single_prompt_keeps_it_frozen(tmp_path, tiny_dir, capsys):
+    common = ["--base", tiny_dir, "--data", "dolly", "--data", "natural-instructions", "--limit-per-source", "40",
+              "--prompt-len", "3", "--steps", "2", "--eval-every", "2", "--eval-examples", "4", "--test-examples", "0",
+              "--gate-pretrain-steps", "3", "--max-len", "96", "--quiet"]
+    assert entry(common + ["--gate", "single", "--experts", "1", "--out", str(tmp_path / "source")]) == 0
+    assert entry(common + ["--experts", "3", "--source-prompt", str(tmp_path / "source"), "--out", str(tmp_path / "mix")]) == 0
+    source = mops.load(tiny_dir, tmp_path / "source").mixture.experts.weight[0]
+    mixed = mops.load(tiny_dir, tmp_path / "mix").mixture.experts
+    assert torch.equal(mixed.weight[0], source) and mixed.frozen.tolist() == [True, False, False]
+    assert json.loads((tmp_path / "mix" / "mops_config.json").read_text())["source_prompts"] == [str(tmp_path / "source")]
+    capsys.readouterr()
+    code = entry(common + ["--experts", "2", "--prompt-len", "4", "--source-prompt", str(tmp_path / "source"),
+                           "--out", str(tmp_path / "bad")])
+    assert code == 2 and "this mixture needs m = 4" in capsys.readouterr().err
