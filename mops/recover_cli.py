@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", required=True,
                    help="instruction source, repeatable: dolly, natural-instructions, gsm8k, alpaca-eval, mmlu, "
                         "a .jsonl path [#field=key,...], or hf:org/name")
-    p.add_argument("--limit-per-source", type=int, help="at most this many records of each source, stratified")
+    p.add_argument("--limit-per-source", type=int, help="at most this many records of each source, stratified by "
+                   "category (default: all); the train/validation/test split is then made from them, with --seed")
     m = p.add_argument_group("the mixture")
     m.add_argument("--experts", type=int, default=4, help="K, the number of prompt experts (default: 4)")
     m.add_argument("--prompt-len", type=int, default=20, help="m, vectors per expert (default: 20)")
@@ -62,14 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gate-lr", type=float, default=d.gate_lr, help=f"gate's learning rate in joint training (default: {d.gate_lr})")
     t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
                    help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
-    t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr, help=f"(default: {d.gate_pretrain_lr})")
+    t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr,
+                   help=f"the gate's learning rate while pretraining on categories (default: {d.gate_pretrain_lr})")
     t.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per example (default: {d.max_len})")
     t.add_argument("--eval-every", type=int, default=d.eval_every, help=f"validation perplexity every N steps (default: {d.eval_every})")
     t.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"validation examples, stratified (default: {d.eval_examples})")
     t.add_argument("--test-examples", type=int, default=160,
                    help="after training, response perplexity of the base alone and with the adapter on this many "
                         "held-out test examples, stratified; 0 skips it (default: 160)")
-    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help=f"(default: {d.checkpoint_every})")
+    t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"save a resumable checkpoint every N steps, beside --out (default: {d.checkpoint_every})")
     t.add_argument("--mixed-precision", default="no", help=f"{', '.join(MIXED_PRECISION)} (default: no)")
     t.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and batch order (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
