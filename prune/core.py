@@ -109,10 +109,14 @@ def _quiet_llmcompressor(quiet: bool):
         yield
         return
     import io
+    import os
     import sys
 
     from loguru import logger
 
+    # llm-compressor re-runs its logger set-up inside oneshot; this variable is what it reads.
+    previous = os.environ.get("LLM_COMPRESSOR_LOG_DISABLED")
+    os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "true"
     logger.disable("llmcompressor")
     logger.disable("compressed_tensors")
     captured = io.StringIO()
@@ -123,6 +127,10 @@ def _quiet_llmcompressor(quiet: bool):
         sys.stderr.write(captured.getvalue()[-4000:])
         raise
     finally:
+        if previous is None:
+            os.environ.pop("LLM_COMPRESSOR_LOG_DISABLED")
+        else:
+            os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = previous
         logger.enable("llmcompressor")
         logger.enable("compressed_tensors")
 

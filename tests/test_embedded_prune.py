@@ -1,7 +1,8 @@
 """End to end on the embedded SmolLM2-135M, through the installed ``prune`` command."""
 
-import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +15,10 @@ pytestmark = pytest.mark.embedded
 
 def test_prune_embedded_model_2of4_with_sparsegpt(tmp_path, embedded_dir):
     out = tmp_path / "sgpt-2of4"
-    command = shutil.which("prune")
-    assert command, "the console script `prune` is not installed"
-    done = subprocess.run([command, "--model", "smollm2-135m", "--method", "sparsegpt", "--pattern", "2:4",
+    # the console script installed beside this interpreter (the venv need not be on PATH)
+    command = Path(sys.executable).parent / "prune"
+    assert command.is_file(), "the console script `prune` is not installed"
+    done = subprocess.run([str(command), "--model", "smollm2-135m", "--method", "sparsegpt", "--pattern", "2:4",
                            "--calib-samples", "16", "--seq-len", "128", "--out", str(out), "--quiet"],
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-2000:]
