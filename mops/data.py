@@ -28,7 +28,7 @@ import json
 import os
 import random
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mops.errors import UserError
@@ -306,7 +306,6 @@ class EncodedExample:
     labels: list[int]  # -100 on the prompt: the loss is taken on response tokens only
     prompt_len: int  # how many leading tokens are instruction (what a gate may look at)
     category: str = ""
-    extras: dict = field(default_factory=dict)
 
 
 def encode_example(tokenizer, record: InstructionRecord, max_len: int = 512) -> EncodedExample:

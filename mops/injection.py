@@ -102,7 +102,7 @@ class PromptedLM(nn.Module):
     def _additive(self, bias) -> bool:
         return bias is not None or self.base.config._attn_implementation == "eager"
 
-    def lower(self, input_ids, attention_mask, gate_mask, cache=None):
+    def lower(self, input_ids, attention_mask, cache=None):
         """Layers below the injection layer on the input alone; and the gate's states."""
         keys = attention_mask.bool()
         positions = (keys.long().cumsum(1) - 1).clamp_min(0)
@@ -150,7 +150,7 @@ class PromptedLM(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         gate_mask = attention_mask.bool() if gate_mask is None else gate_mask.bool() & attention_mask.bool()
         with torch.no_grad():
-            hidden, gate_states, positions = self.lower(input_ids, attention_mask, gate_mask)
+            hidden, gate_states, positions = self.lower(input_ids, attention_mask)
         weights, prompt, bias = self.mix(gate_states, gate_mask, input_ids.shape[0], gate_weights)
         hidden = self.upper(hidden, attention_mask.bool(), positions, prompt, bias)
         return self.head(hidden, labels, weights, return_logits)
@@ -190,7 +190,7 @@ class PromptedLM(nn.Module):
         eos = set(eos if isinstance(eos, list) else [eos]) - {None}
         cache = DynamicCache(config=self.base.config)
         keys = attention_mask.bool()
-        hidden, gate_states, positions = self.lower(input_ids, attention_mask, keys, cache)
+        hidden, gate_states, positions = self.lower(input_ids, attention_mask, cache)
         weights, prompt, bias = self.mix(gate_states, keys, input_ids.shape[0])
         hidden = self.upper(hidden, keys, positions, prompt, bias, cache)
         # Each row continues from its own last real token (left or right padding).

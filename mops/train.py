@@ -22,7 +22,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -99,7 +99,7 @@ def initial_experts(model, tokenizer, examples: list[EncodedExample], n_vectors:
     vectors = []
     for start in range(0, len(order), 8):
         batch = collate([examples[i] for i in order[start : start + 8]], tokenizer.pad_token_id, embed.device)
-        hidden, _, _ = probe.lower(batch["input_ids"], batch["attention_mask"], batch["gate_mask"])
+        hidden, _, _ = probe.lower(batch["input_ids"], batch["attention_mask"])
         vectors.append(hidden[batch["attention_mask"].bool()].float().cpu())
         if sum(len(v) for v in vectors) >= 4 * n_vectors:
             break
@@ -134,7 +134,7 @@ def pooled_gate_inputs(lm: PromptedLM, examples: list[EncodedExample], pad_id: i
     pooled = []
     for start in range(0, len(examples), batch_size):
         batch = collate(examples[start : start + batch_size], pad_id, device)
-        _, states, _ = lm.lower(batch["input_ids"], batch["attention_mask"], batch["gate_mask"])
+        _, states, _ = lm.lower(batch["input_ids"], batch["attention_mask"])
         pooled.append(lm.mixture.gate.pool(states, batch["gate_mask"] & batch["attention_mask"].bool()))
     return torch.cat(pooled)
 
@@ -298,7 +298,3 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     bar.close()
     history["train_seconds_this_run"] = time.perf_counter() - started
     return inner.eval(), history
-
-
-def run_settings(mixture: MixtureConfig, config: TrainConfig) -> dict:
-    return {"mixture": asdict(mixture), "training": asdict(config)}

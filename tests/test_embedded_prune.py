@@ -33,6 +33,6 @@ def test_prune_embedded_model_2of4_with_sparsegpt(tmp_path, embedded_dir):
         assert (groups >= 2).all(), name
     assert torch.equal(pruned.model.embed_tokens.weight, dense.model.embed_tokens.weight)
     assert torch.equal(pruned.lm_head.weight, dense.lm_head.weight)
-    for (n1, p1), (n2, p2) in zip(pruned.named_parameters(), dense.named_parameters()):
+    for (n1, p1), (_, p2) in zip(pruned.named_parameters(), dense.named_parameters()):
         if "norm" in n1:
             assert torch.equal(p1, p2), n1  # only decoder Linear weights change
