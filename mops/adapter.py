@@ -97,7 +97,7 @@ def load(base, adapter_dir, dtype: str = "float32", device: str = "cpu", check_b
     return PromptedLM(base, mixture.to(param.device)).eval()
 
 
-def read_source_prompt(adapter_dir, base_hash: str, prompt_len: int, width: int) -> torch.Tensor:
+def read_source_prompt(adapter_dir, base_hash: str, target: MixtureConfig, width: int) -> torch.Tensor:
     """The m x d prompt of a single-prompt adapter (K = 1), to serve as a frozen expert
     (ATTEMPT's pre-trained source prompts); it must come from the same base and sizes."""
     config = read_adapter_config(adapter_dir)
@@ -107,7 +107,8 @@ def read_source_prompt(adapter_dir, base_hash: str, prompt_len: int, width: int)
                         "expected a single-prompt adapter (--gate single)")
     if config["base_weights_sha256"] != base_hash:
         raise UserError(f"source prompt {str(adapter_dir)!r} was trained on another base ({config['base_model']!r})")
-    if (mixture["prompt_len"], config["width"]) != (prompt_len, width):
-        raise UserError(f"source prompt {str(adapter_dir)!r}: m = {mixture['prompt_len']}, d = {config['width']}; "
-                        f"this mixture needs m = {prompt_len}, d = {width}")
+    found = (mixture["prompt_len"], config["width"], mixture["inject_layer"])
+    if found != (target.prompt_len, width, target.inject_layer):
+        raise UserError(f"source prompt {str(adapter_dir)!r}: m = {found[0]}, d = {found[1]}, l = {found[2]}; "
+                        f"this mixture needs m = {target.prompt_len}, d = {width}, l = {target.inject_layer}")
     return load_file(Path(adapter_dir) / WEIGHTS_NAME)["experts.weight"][0]

@@ -173,13 +173,17 @@ def _detect_layout(obj, where: str) -> JsonlLayout:
 
 def read_mmlu_csv(path: Path, source: str = "mmlu") -> list[InstructionRecord]:
     """One MMLU CSV (question, A, B, C, D, answer letter; no header); category = subject."""
+    if not path.is_file():
+        raise UserError(f"data file {str(path)!r} does not exist; expected {_accepted()}")
     subject = path.stem.rsplit("_", 1)[0]
     readable = subject.replace("_", " ")
     records = []
     with path.open(encoding="utf-8", newline="") as f:
         for rowno, row in enumerate(csv.reader(f), 1):
-            if len(row) != 6 or row[5].strip() not in "ABCD" or not row[5].strip():
+            if len(row) != 6:
                 raise UserError(f"{path}: row {rowno}: expected question, A, B, C, D, answer letter; got {len(row)} fields")
+            if row[5].strip() not in ("A", "B", "C", "D"):
+                raise UserError(f"{path}: row {rowno}: answer {row[5]!r}, expected one of A, B, C, D")
             question, *choices, answer = row
             context = question + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", choices))
             instruction = f"The following is a multiple choice question about {readable}. Answer with the letter of the correct choice."
@@ -312,6 +316,8 @@ def encode_example(tokenizer, record: InstructionRecord, max_len: int = 512) -> 
     """Tokenize prompt and response separately, so the boundary between them is exact."""
     prompt = tokenizer(format_prompt(record), add_special_tokens=True)["input_ids"]
     response = tokenizer(record.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if max_len < 2:
+        raise ValueError(f"max_len {max_len}: an example needs at least one prompt and one response token")
     if len(prompt) > max_len - 1:  # keep the prompt's end (the "### Response:" cue) and one response token
         prompt = prompt[-(max_len - 1) :]
     response = response[: max_len - len(prompt)]

@@ -80,5 +80,5 @@ class UniformGate(nn.Module):
         super().__init__()
         self.n_experts = n_experts
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-        return hidden.new_full((hidden.shape[0], self.n_experts), 1.0 / self.n_experts, dtype=torch.float32)
+    def weights(self, batch: int, device) -> torch.Tensor:
+        return torch.full((batch, self.n_experts), 1.0 / self.n_experts, device=device)

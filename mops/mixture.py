@@ -52,18 +52,18 @@ class MixtureConfig:
             raise UserError(f"--combine {c.combine!r}: expected one of {', '.join(COMBINES)}")
         if c.gate == "single" and c.n_experts != 1:
             raise UserError(f"--gate single is one prompt: use --experts 1 (got {c.n_experts})")
-        for flag, value in (("--gate-layer", c.gate_layer), ("--inject-layer", c.inject_layer)):
-            if not 0 <= value <= n_layers:
-                raise UserError(f"{flag} {value}: expected a layer in [0, {n_layers}] for this {n_layers}-layer model")
+        # The gate may read the states after the last layer (g = L); a prompt needs a layer to enter (l < L).
+        for flag, value, top in (("--gate-layer", c.gate_layer, n_layers), ("--inject-layer", c.inject_layer, n_layers - 1)):
+            if not 0 <= value <= top:
+                raise UserError(f"{flag} {value}: expected a layer in [0, {top}] for this {n_layers}-layer model")
         if c.gate_hidden < 1 or c.temperature <= 0:
             raise UserError(f"--gate-hidden {c.gate_hidden} / --temperature {c.temperature}: expected positive values")
         return c
 
     @property
-    def prefix_len(self) -> int:
-        """Positions prepended at the injection layer."""
-        k = self.n_experts + (1 if self.gate == "attempt" else 0)
-        return self.prompt_len * (k if self.combine == "attention" else 1)
+    def n_prompts(self) -> int:
+        """Prompts to initialise: the experts, plus ATTEMPT's target prompt."""
+        return self.n_experts + (1 if self.gate == "attempt" else 0)
 
 
 class Mixture(nn.Module):
@@ -86,8 +86,8 @@ class Mixture(nn.Module):
         return not isinstance(self.gate, UniformGate)
 
     def gate_weights(self, hidden: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
-        if not self.needs_gate_states:
-            return torch.full((batch, self.config.n_experts), 1.0 / self.config.n_experts, device=self.experts.weight.device)
+        if isinstance(self.gate, UniformGate):
+            return self.gate.weights(batch, self.experts.weight.device)
         return self.gate(hidden, mask, self.experts())
 
     def forward(self, weights: torch.Tensor):

@@ -155,6 +155,7 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
 
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_device(device)
     checkpoint = resolve_checkpoint(spec)
     config = check_causal_lm(checkpoint)
     try:
@@ -171,6 +172,15 @@ def load_model(spec: str | os.PathLike = DEFAULT_MODEL, dtype: str = "float32", 
     model = model.to(device).eval()
     _align_special_tokens(tokenizer, config)
     return model, tokenizer
+
+
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device!r}: no CUDA device is available here; use --device cpu")
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

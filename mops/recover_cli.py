@@ -103,11 +103,14 @@ def main(argv=None) -> None:
     if args.test_examples < 0:
         raise UserError(f"--test-examples {args.test_examples}: expected 0 or more")
     check_output_dir(args.out, args.force)
+    if checkpoint_dir_for(args.out).exists() and not (args.resume or args.force):
+        raise UserError(f"an interrupted run left a checkpoint at {checkpoint_dir_for(args.out)}; "
+                        "pass --resume to continue it, or --force to start over")
     records = load_records(args.data, args.limit_per_source, args.seed)
     model, tokenizer = load_model(args.base, device=args.device)
     resolved = mixture.resolved(model.config.num_hidden_layers)  # bad layers or sizes fail before any work
     base_hash = weights_hash(model)
-    sources = [read_source_prompt(d, base_hash, resolved.prompt_len, model.config.hidden_size) for d in args.source_prompt]
+    sources = [read_source_prompt(d, base_hash, resolved, model.config.hidden_size) for d in args.source_prompt]
     splits = split_records(records, args.seed)
     lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
                           resume=args.resume, progress=not args.quiet, device=args.device, source_prompts=sources)

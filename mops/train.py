@@ -17,12 +17,12 @@ uninterrupted one and ends with the same adapter.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -35,6 +35,7 @@ from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
+from mops.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -62,6 +63,8 @@ class TrainConfig:
                      "gate_pretrain_examples", "eval_examples"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive whole number")
+        if self.max_len < 2:
+            raise UserError(f"--max-len {self.max_len}: expected at least 2 tokens (one of prompt, one of response)")
         if self.gate_pretrain_steps < 0:
             raise UserError(f"--gate-pretrain-steps {self.gate_pretrain_steps}: expected 0 or more")
         for name in ("lr", "gate_lr", "gate_pretrain_lr"):
@@ -160,11 +163,17 @@ def pretrain_gate(lm: PromptedLM, examples: list[EncodedExample], targets: list[
     return losses
 
 
-def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed: int) -> PromptedLM:
+def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed: int,
+                  initialise: bool = True) -> PromptedLM:
+    """The mixture on ``model``; ``initialise=False`` skips the activation pass (a resume
+    overwrites the experts anyway)."""
     c = mixture.resolved(model.config.num_hidden_layers)
-    n_prompts = c.n_experts + (1 if c.gate == "attempt" else 0)
-    init = initial_experts(model, tokenizer, train_examples, n_prompts * c.prompt_len, c.inject_layer, seed)
-    init = init.reshape(n_prompts, c.prompt_len, -1)
+    if c.prompt_len < 1:
+        raise UserError(f"--prompt-len {c.prompt_len}: nothing to train; expected at least 1 vector per expert")
+    init = None
+    if initialise:
+        init = initial_experts(model, tokenizer, train_examples, c.n_prompts * c.prompt_len, c.inject_layer, seed)
+        init = init.reshape(c.n_prompts, c.prompt_len, model.config.hidden_size)
     torch.manual_seed(seed)  # the gate's own initialisation
     device = next(model.parameters()).device
     return PromptedLM(model, Mixture(c, model.config.hidden_size, init=init).to(device))
@@ -184,26 +193,33 @@ def trainable_groups(lm: PromptedLM, config: TrainConfig) -> list[dict]:
 CKPT_STATE = "trainer_state.json"
 
 
-def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict) -> None:
+def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict, settings: dict) -> None:
     """Atomically replace ``folder`` with the state after ``step`` optimizer steps."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in lm.mixture.state_dict().items()}, tmp / "mixture.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / CKPT_STATE).write_text(json.dumps({"step": step, "history": history}))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_dir(folder, force=True) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in lm.mixture.state_dict().items()}, tmp / "mixture.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / CKPT_STATE).write_text(json.dumps({"step": step, "history": history, "settings": settings}))
 
 
-def load_checkpoint(folder: Path, lm: PromptedLM, optimizer) -> tuple[int, dict]:
+def load_checkpoint(folder: Path, lm: PromptedLM, optimizer, settings: dict) -> tuple[int, dict]:
+    """Restore a checkpoint made with the same settings (anything else would not resume exactly)."""
+    state = json.loads((folder / CKPT_STATE).read_text())
+    saved = state.get("settings", {})
+    changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+    if changed:
+        raise UserError(f"--resume: the checkpoint at {folder} was made with other {', '.join(changed)}; "
+                        "rerun with the original options, or start over with --force")
     lm.mixture.load_state_dict(load_file(folder / "mixture.safetensors"))
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    state = json.loads((folder / CKPT_STATE).read_text())
     return state["step"], state["history"]
+
+
+def run_fingerprint(c: MixtureConfig, config: TrainConfig, train_records: list[InstructionRecord]) -> dict:
+    """What fixes a run's trajectory: a checkpoint resumes only under the same values."""
+    digest = hashlib.sha256(json.dumps([r.to_dict() for r in train_records]).encode()).hexdigest()
+    bookkeeping = {"steps", "eval_every", "eval_examples", "checkpoint_every"}
+    return {"mixture": asdict(c), "training": {k: v for k, v in asdict(config).items() if k not in bookkeeping},
+            "train_data_sha256": digest}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -234,8 +250,9 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     def evaluate(prompted):
         return response_perplexity(prompted, tokenizer, val, config.max_len, progress=False)
 
-    lm = build_mixture(model, tokenizer, train, mixture, config.seed)
+    lm = build_mixture(model, tokenizer, train, mixture, config.seed, initialise=not resume)
     c = lm.mixture.config
+    settings = run_fingerprint(c, config, train_records)
     if len(source_prompts) > c.n_experts:
         raise UserError(f"{len(source_prompts)} source prompts for {c.n_experts} experts; raise --experts")
     for i, prompt in enumerate(source_prompts):
@@ -253,7 +270,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     if resume:
         if not checkpoint_dir or not (checkpoint_dir / CKPT_STATE).is_file():
             raise UserError(f"--resume: no checkpoint at {checkpoint_dir}; start without --resume")
-        step, history = load_checkpoint(checkpoint_dir, lm, optimizer)
+        step, history = load_checkpoint(checkpoint_dir, lm, optimizer, settings)
         log.info("resumed from step %d of %d", step, config.steps)
     else:
         if wants_pretraining:
@@ -264,7 +281,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         if val:
             history["validation"].append({"step": 0, **evaluate(lm)})
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, lm, optimizer, 0, history)
+            save_checkpoint(checkpoint_dir, lm, optimizer, 0, history, settings)
 
     lm, optimizer = accelerator.prepare(lm, optimizer)
     inner = accelerator.unwrap_model(lm)
@@ -292,7 +309,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         bar.set_postfix(postfix)
         bar.update(1)
         if checkpoint_dir and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(checkpoint_dir, inner, optimizer, step, history)
+            save_checkpoint(checkpoint_dir, inner, optimizer, step, history, settings)
         if on_step:
             on_step(step, history)
     bar.close()

@@ -83,6 +83,12 @@ def test_bad_mapping_and_unknown_sources_are_refused(tmp_path):
         load_source(str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserError, match="named source"):
         load_source("dollly")
+    with pytest.raises(UserError, match="does not exist"):
+        load_source(str(tmp_path / "missing_test.csv"))
+    bad = tmp_path / "algebra_dev.csv"
+    bad.write_text("What is 1+1?,1,2,3,4,AB\n")
+    with pytest.raises(UserError, match="row 1: answer 'AB', expected one of A, B, C, D"):
+        load_source(str(bad))
 
 
 def test_split_is_deterministic_disjoint_and_stratified():

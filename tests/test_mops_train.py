@@ -96,7 +96,7 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_dir, splits):
 def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, splits):
     model, tok = load_model(tiny_dir)
     K = 4
-    lm, _ = recover(model, tok, splits, MixtureConfig(n_experts=K, prompt_len=2, gate="mops", gate_layer=2),
+    lm, _ = recover(model, tok, splits, MixtureConfig(n_experts=K, prompt_len=2, gate="mops", gate_layer=2, inject_layer=1),
                     small(steps=1, gate_pretrain_steps=150, gate_pretrain_examples=400, gate_pretrain_lr=3e-2),
                     progress=False)
     test = splits["test"]
@@ -116,6 +116,9 @@ BAD = [
     (["--gate", "router"], "--gate 'router'"),
     (["--steps", "0"], "--steps 0"),
     (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'"),
+    (["--max-len", "1"], "--max-len 1"),
+    (["--prompt-len", "0"], "--prompt-len 0: nothing to train"),
+    (["--device", "gpu"], "--device 'gpu'"),
 ]
 
 
@@ -177,4 +180,19 @@ def test_a_mixture_composed_from_an_earlier_single_prompt_keeps_it_frozen(tmp_pa
     capsys.readouterr()
     code = entry(common + ["--experts", "2", "--prompt-len", "4", "--source-prompt", str(tmp_path / "source"),
                            "--out", str(tmp_path / "bad")])
-    assert code == 2 and "this mixture needs m = 4" in capsys.readouterr().err
+    assert code == 2 and "this mixture needs m = 4, d = 64, l = 1" in capsys.readouterr().err
+
+
+def test_a_left_checkpoint_is_never_overwritten_silently_and_resumes_only_with_its_settings(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "ad"
+    argv = ["--base", tiny_dir, "--data", "dolly", "--limit-per-source", "40", "--experts", "2", "--prompt-len", "3",
+            "--steps", "2", "--eval-examples", "4", "--test-examples", "0", "--gate-pretrain-steps", "2",
+            "--max-len", "96", "--out", str(out), "--quiet"]
+    model, tok = load_model(tiny_dir)
+    splits = split_records(load_records(["dolly"], limit_per_source=40))
+    recover(model, tok, splits, MixtureConfig(2, 3, gate_layer=1), small(steps=2), checkpoint_dir=checkpoint_dir_for(out),
+            progress=False)  # leaves a checkpoint, as a killed run would
+    assert entry(argv) == 2 and "pass --resume to continue it" in capsys.readouterr().err
+    assert entry(argv + ["--resume", "--experts", "3"]) == 2
+    assert "was made with other mixture, training;" in capsys.readouterr().err
+    assert checkpoint_dir_for(out).is_dir() and not out.exists()
