@@ -28,11 +28,17 @@ def iter_saved_tensors(checkpoint: str | Path):
                 yield name, f.get_tensor(name)
 
 
-def nm_compliance(weight: torch.Tensor, pattern: tuple[int, int]) -> float:
-    """Fraction of M-groups (consecutive along the input dim) holding at least N zeros."""
+def nm_groups(weight: torch.Tensor, pattern: tuple[int, int]) -> tuple[int, int]:
+    """(M-groups holding at least N zeros, all M-groups), groups consecutive along the input dim."""
     n, m = pattern
-    groups = (weight.reshape(weight.shape[0], -1, m) == 0).sum(-1)
-    return (groups >= n).float().mean().item()
+    zeros = (weight.reshape(weight.shape[0], -1, m) == 0).sum(-1)
+    return int((zeros >= n).sum()), zeros.numel()
+
+
+def nm_compliance(weight: torch.Tensor, pattern: tuple[int, int]) -> float:
+    """Fraction of M-groups holding at least N zeros."""
+    ok, total = nm_groups(weight, pattern)
+    return ok / total
 
 
 def sparsity_report(checkpoint: str | Path, pruned_modules: list[str], pattern: tuple[int, int] | None) -> dict:
@@ -47,9 +53,9 @@ def sparsity_report(checkpoint: str | Path, pruned_modules: list[str], pattern: 
             z = int((tensor == 0).sum())
             entry = {"shape": list(tensor.shape), "sparsity": z / tensor.numel()}
             if pattern is not None:
-                entry["nm_compliance"] = nm_compliance(tensor, pattern)
-                n_groups = tensor.numel() // pattern[1]
-                groups_ok += round(entry["nm_compliance"] * n_groups)
+                ok, n_groups = nm_groups(tensor, pattern)
+                entry["nm_compliance"] = ok / n_groups
+                groups_ok += ok
                 groups += n_groups
             modules[module] = entry
             zeros += z
