@@ -50,6 +50,11 @@ def save_adapter(lm: PromptedLM, out, *, base_name: str, base_hash: str | None =
     return Path(out)
 
 
+def mixture_tensors(mixture: Mixture) -> dict[str, torch.Tensor]:
+    """The mixture's trainable state as safetensors stores it (CPU, contiguous)."""
+    return {k: v.detach().cpu().contiguous() for k, v in mixture.state_dict().items()}
+
+
 def write_adapter_files(lm: PromptedLM, folder, *, base_name: str, base_hash: str, extra: dict | None = None) -> None:
     folder = Path(folder)
     config = {
@@ -61,8 +66,7 @@ def write_adapter_files(lm: PromptedLM, folder, *, base_name: str, base_hash: st
         "base_weights_sha256": base_hash,
         **(extra or {}),
     }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in lm.mixture.state_dict().items()}
-    save_file(tensors, folder / WEIGHTS_NAME)
+    save_file(mixture_tensors(lm.mixture), folder / WEIGHTS_NAME)
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 

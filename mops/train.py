@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from mops.adapter import mixture_tensors
 from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
 from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
@@ -77,11 +78,10 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- pieces
 
 
-def category_targets(records: list[InstructionRecord], n_experts: int) -> tuple[list[int], list[str]]:
-    """Category c (in sorted order) -> expert c mod K."""
-    categories = sorted({r.category for r in records})
-    index = {c: i % n_experts for i, c in enumerate(categories)}
-    return [index[r.category] for r in records], categories
+def category_targets(records: list[InstructionRecord], n_experts: int) -> list[int]:
+    """Each record's expert: category c (in sorted order) -> expert c mod K."""
+    index = {c: i % n_experts for i, c in enumerate(sorted({r.category for r in records}))}
+    return [index[r.category] for r in records]
 
 
 def collate(examples: list[EncodedExample], pad_id: int, device) -> dict:
@@ -115,18 +115,17 @@ class BatchOrder:
 
     def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int):
         self.n, self.bs, self.accum, self.seed = n, batch_size, grad_accum, seed
-        self._epochs: dict[int, list[int]] = {}
+        self._epoch, self._perm = -1, []  # the permutation of the epoch last asked for
 
     def indices(self, step: int, micro: int) -> list[int]:
         start = (step * self.accum + micro) * self.bs
         out = []
         for pos in range(start, start + self.bs):
             epoch, offset = divmod(pos, self.n)
-            if epoch not in self._epochs:
-                perm = list(range(self.n))
-                random.Random(f"{self.seed}/epoch{epoch}").shuffle(perm)
-                self._epochs = {epoch: perm}
-            out.append(self._epochs[epoch][offset])
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, list(range(self.n))
+                random.Random(f"{self.seed}/epoch{epoch}").shuffle(self._perm)
+            out.append(self._perm[offset])
         return out
 
 
@@ -196,7 +195,7 @@ CKPT_STATE = "trainer_state.json"
 def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict, settings: dict) -> None:
     """Atomically replace ``folder`` with the state after ``step`` optimizer steps."""
     with atomic_dir(folder, force=True) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in lm.mixture.state_dict().items()}, tmp / "mixture.safetensors")
+        save_file(mixture_tensors(lm.mixture), tmp / "mixture.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / CKPT_STATE).write_text(json.dumps({"step": step, "history": history, "settings": settings}))
 
@@ -275,7 +274,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     else:
         if wants_pretraining:
             subset = stratified_subset(train_records, config.gate_pretrain_examples, config.seed)
-            targets, _ = category_targets(subset, c.n_experts)
+            targets = category_targets(subset, c.n_experts)
             sub_examples = [encode_example(tokenizer, r, config.max_len) for r in subset]
             history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, pad_id, progress)
         if val:

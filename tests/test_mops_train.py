@@ -100,7 +100,7 @@ def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, sp
                     small(steps=1, gate_pretrain_steps=150, gate_pretrain_examples=400, gate_pretrain_lr=3e-2),
                     progress=False)
     test = splits["test"]
-    targets, _ = category_targets(test, K)  # same sorted categories as training: all 16 appear in both
+    targets = category_targets(test, K)  # same sorted categories as training: all 16 appear in both
     examples = [encode_example(tok, r, 96) for r in test]
     with torch.no_grad():
         weights = lm.mixture.gate.from_pooled(pooled_gate_inputs(lm, examples, tok.pad_token_id), lm.mixture.experts())
