@@ -1,0 +1,1 @@
+"""Triton kernels that fuse the MoPs gate with the prompt interpolation, and their PyTorch references."""
