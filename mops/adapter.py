@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mops.errors import UserError
+from mops.gate_analysis import save_gate_analysis
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
 from mops.outputs import atomic_dir
@@ -42,11 +43,14 @@ def weights_hash(model) -> str:
 def save_adapter(lm: PromptedLM, out, *, base_name: str, base_hash: str | None = None, extra: dict | None = None,
                  history: dict | None = None, force: bool = False) -> Path:
     """Write the adapter folder atomically; ``extra`` (data, training settings) goes into the
-    config, ``history`` (losses, validation perplexities) into ``history.json``."""
+    config, ``history`` (losses, validation perplexities) into ``history.json``, and its gate
+    snapshots, if any, into ``gate_snapshots.json`` and ``gate_heatmap.png``."""
     with atomic_dir(out, force) as tmp:
         write_adapter_files(lm, tmp, base_name=base_name, base_hash=base_hash or weights_hash(lm.base), extra=extra)
         if history is not None:
             (tmp / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+            if history.get("gate_snapshots"):
+                save_gate_analysis(tmp, history["gate_snapshots"], title=f"gate weights on {base_name}")
     return Path(out)
 
 

@@ -2,7 +2,9 @@
 
 The base model is loaded frozen and never changes (its weights, and so its sparsity,
 are bitwise the same after training). The adapter folder (``mops_config.json`` +
-``mops_model.safetensors`` + ``history.json``) is written atomically; while training,
+``mops_model.safetensors`` + ``history.json``, and with a gate, ``gate_snapshots.json`` +
+``gate_heatmap.png``: the gate's average weights per test category and expert before
+training, after gate pretraining, midway and at the end) is written atomically; while training,
 checkpoints go to a hidden folder beside it, which ``--resume`` continues from.
 """
 
@@ -70,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-examples", type=int, default=d.eval_examples, help=f"validation examples, stratified (default: {d.eval_examples})")
     t.add_argument("--test-examples", type=int, default=160,
                    help="after training, response perplexity of the base alone and with the adapter on this many "
-                        "held-out test examples, stratified; 0 skips it (default: 160)")
+                        "held-out test examples, stratified, on which the gate snapshots are also taken; 0 skips "
+                        "both (default: 160)")
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"save a resumable checkpoint every N steps, beside --out (default: {d.checkpoint_every})")
     t.add_argument("--mixed-precision", default="no", help=f"{', '.join(MIXED_PRECISION)} (default: no)")
@@ -112,10 +115,11 @@ def main(argv=None) -> None:
     base_hash = weights_hash(model)
     sources = [read_source_prompt(d, base_hash, resolved, model.config.hidden_size) for d in args.source_prompt]
     splits = split_records(records, args.seed)
+    test = stratified_subset(splits["test"], args.test_examples, args.seed) if args.test_examples else []
     lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
-                          resume=args.resume, progress=not args.quiet, device=args.device, source_prompts=sources)
-    if args.test_examples:
-        test = stratified_subset(splits["test"], args.test_examples, args.seed)
+                          resume=args.resume, progress=not args.quiet, device=args.device, source_prompts=sources,
+                          snapshot_records=test)
+    if test:
         history["test"] = {"examples": len(test), "max_len": RESPONSE_MAX_LEN,
                            "base": response_perplexity(model, tokenizer, test, progress=not args.quiet),
                            "adapter": response_perplexity(lm, tokenizer, test, progress=not args.quiet)}

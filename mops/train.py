@@ -10,6 +10,11 @@ Prompts on a frozen (pruned) model.
    gradient accumulation, accelerate for device placement and mixed precision,
    validation perplexity every ``eval_every`` steps, and a checkpoint every
    ``checkpoint_every`` steps that ``resume=True`` continues from, exactly.
+4. Optionally, gate snapshots (:mod:`mops.gate_analysis`) on held-out examples before
+   training, after gate pretraining, midway and at the end.
+
+The same loop trains the ``lora`` baseline: ``extra_params`` (LoRA tensors inside the
+base, :mod:`mops.lora`) train with ``lr`` beside an empty mixture (m = 0, l = 0).
 
 Batches are a pure function of (seed, step), so a resumed run sees the same batches as an
 uninterrupted one and ends with the same adapter.
@@ -34,6 +39,7 @@ from mops.adapter import mixture_tensors
 from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
 from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
+from mops.gate_analysis import gate_snapshot
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
 from mops.outputs import atomic_dir
@@ -47,7 +53,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-2  # experts (and ATTEMPT's target prompt)
+    lr: float = 3e-2  # experts (and ATTEMPT's target prompt, or LoRA's tensors)
     gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates
     gate_pretrain_steps: int = 50
     gate_pretrain_lr: float = 1e-2
@@ -163,11 +169,11 @@ def pretrain_gate(lm: PromptedLM, examples: list[EncodedExample], targets: list[
 
 
 def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed: int,
-                  initialise: bool = True) -> PromptedLM:
+                  initialise: bool = True, empty_ok: bool = False) -> PromptedLM:
     """The mixture on ``model``; ``initialise=False`` skips the activation pass (a resume
-    overwrites the experts anyway)."""
+    overwrites the experts anyway); ``empty_ok`` allows m = 0 (when LoRA is what trains)."""
     c = mixture.resolved(model.config.num_hidden_layers)
-    if c.prompt_len < 1:
+    if c.prompt_len < 1 and not empty_ok:
         raise UserError(f"--prompt-len {c.prompt_len}: nothing to train; expected at least 1 vector per expert")
     init = None
     if initialise:
@@ -178,10 +184,10 @@ def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed
     return PromptedLM(model, Mixture(c, model.config.hidden_size, init=init).to(device))
 
 
-def trainable_groups(lm: PromptedLM, config: TrainConfig) -> list[dict]:
+def trainable_groups(lm: PromptedLM, config: TrainConfig, extra_params=()) -> list[dict]:
     gate = [p for p in lm.mixture.gate.parameters() if p.requires_grad]
     prompts = [p for n, p in lm.mixture.named_parameters() if not n.startswith("gate.")]
-    groups = [{"params": prompts, "lr": config.lr, "name": "experts"}]
+    groups = [{"params": prompts + list(extra_params), "lr": config.lr, "name": "experts"}]
     if gate:
         groups.append({"params": gate, "lr": config.gate_lr, "name": "gate"})
     return groups
@@ -192,15 +198,18 @@ def trainable_groups(lm: PromptedLM, config: TrainConfig) -> list[dict]:
 CKPT_STATE = "trainer_state.json"
 
 
-def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict, settings: dict) -> None:
+def save_checkpoint(folder: Path, lm: PromptedLM, optimizer, step: int, history: dict, settings: dict,
+                    extra_params=()) -> None:
     """Atomically replace ``folder`` with the state after ``step`` optimizer steps."""
     with atomic_dir(folder, force=True) as tmp:
         save_file(mixture_tensors(lm.mixture), tmp / "mixture.safetensors")
+        if extra_params:
+            save_file({str(i): p.detach().cpu().contiguous() for i, p in enumerate(extra_params)}, tmp / "extra.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / CKPT_STATE).write_text(json.dumps({"step": step, "history": history, "settings": settings}))
 
 
-def load_checkpoint(folder: Path, lm: PromptedLM, optimizer, settings: dict) -> tuple[int, dict]:
+def load_checkpoint(folder: Path, lm: PromptedLM, optimizer, settings: dict, extra_params=()) -> tuple[int, dict]:
     """Restore a checkpoint made with the same settings (anything else would not resume exactly)."""
     state = json.loads((folder / CKPT_STATE).read_text())
     saved = state.get("settings", {})
@@ -209,16 +218,22 @@ def load_checkpoint(folder: Path, lm: PromptedLM, optimizer, settings: dict) -> 
         raise UserError(f"--resume: the checkpoint at {folder} was made with other {', '.join(changed)}; "
                         "rerun with the original options, or start over with --force")
     lm.mixture.load_state_dict(load_file(folder / "mixture.safetensors"))
+    if extra_params:
+        saved_extra = load_file(folder / "extra.safetensors")
+        with torch.no_grad():
+            for i, p in enumerate(extra_params):
+                p.copy_(saved_extra[str(i)])
     optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
     return state["step"], state["history"]
 
 
-def run_fingerprint(c: MixtureConfig, config: TrainConfig, train_records: list[InstructionRecord]) -> dict:
+def run_fingerprint(c: MixtureConfig, config: TrainConfig, train_records: list[InstructionRecord],
+                    extra_params=()) -> dict:
     """What fixes a run's trajectory: a checkpoint resumes only under the same values."""
     digest = hashlib.sha256(json.dumps([r.to_dict() for r in train_records]).encode()).hexdigest()
     bookkeeping = {"steps", "eval_every", "eval_examples", "checkpoint_every"}
     return {"mixture": asdict(c), "training": {k: v for k, v in asdict(config).items() if k not in bookkeeping},
-            "train_data_sha256": digest}
+            "train_data_sha256": digest, "extra_params": [list(p.shape) for p in extra_params]}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -227,12 +242,16 @@ def run_fingerprint(c: MixtureConfig, config: TrainConfig, train_records: list[I
 def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixture: MixtureConfig,
             config: TrainConfig, checkpoint_dir=None, resume: bool = False, progress: bool = True,
             on_step: Callable[[int, dict], None] | None = None, device: str | None = None,
-            source_prompts: list[torch.Tensor] = ()) -> tuple[PromptedLM, dict]:
+            source_prompts: list[torch.Tensor] = (), snapshot_records: list[InstructionRecord] = (),
+            extra_params=()) -> tuple[PromptedLM, dict]:
     """Train a mixture on ``splits['train']``; return the prompted model and the history.
 
     ``source_prompts`` (m x d each, e.g. from :func:`mops.adapter.read_source_prompt`)
     become experts 0, 1, ... and stay frozen: a mixture composed of prompts trained
     earlier on other tasks or sources, with the remaining experts and the gate trained.
+    ``snapshot_records`` (held-out) get the gate's average weights per category into
+    ``history["gate_snapshots"]`` before training, after gate pretraining, midway and at
+    the end. ``extra_params`` are tensors inside the base (LoRA) that train too.
     """
     from accelerate import Accelerator
 
@@ -249,9 +268,15 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     def evaluate(prompted):
         return response_perplexity(prompted, tokenizer, val, config.max_len, progress=False)
 
-    lm = build_mixture(model, tokenizer, train, mixture, config.seed, initialise=not resume)
+    extra_params = list(extra_params)
+    lm = build_mixture(model, tokenizer, train, mixture, config.seed, initialise=not resume, empty_ok=bool(extra_params))
     c = lm.mixture.config
-    settings = run_fingerprint(c, config, train_records)
+    if extra_params and c.inject_layer != 0:
+        # layers below l run without gradients (nothing there depends on a prompt)
+        raise ValueError("tensors inside the base train only with inject_layer 0")
+    for p in extra_params:
+        p.requires_grad_(True)  # PromptedLM froze the whole base, LoRA included
+    settings = run_fingerprint(c, config, train_records, extra_params)
     if len(source_prompts) > c.n_experts:
         raise UserError(f"{len(source_prompts)} source prompts for {c.n_experts} experts; raise --experts")
     for i, prompt in enumerate(source_prompts):
@@ -262,25 +287,35 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         if len(categories) < 2:
             raise UserError(f"gate pretraining needs records of at least 2 categories, found {sorted(categories)}; "
                             "map a category field (path.jsonl#...,category=FIELD) or pass --gate-pretrain-steps 0")
-    optimizer = torch.optim.AdamW(trainable_groups(lm, config), weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable_groups(lm, config, extra_params), weight_decay=0.0)
     history = {"train_loss": [], "validation": [], "gate_pretrain_loss": []}
     step = 0
+    snapshot_examples = [encode_example(tokenizer, r, config.max_len) for r in snapshot_records]
+    snapshot_examples = snapshot_examples if lm.mixture.needs_gate_states else []
+
+    def snapshot(label: str, at: int) -> None:
+        if snapshot_examples:
+            snap = gate_snapshot(accelerator.unwrap_model(lm), snapshot_examples, pad_id, label, at)
+            history.setdefault("gate_snapshots", []).append(snap)
+
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if resume:
         if not checkpoint_dir or not (checkpoint_dir / CKPT_STATE).is_file():
             raise UserError(f"--resume: no checkpoint at {checkpoint_dir}; start without --resume")
-        step, history = load_checkpoint(checkpoint_dir, lm, optimizer, settings)
+        step, history = load_checkpoint(checkpoint_dir, lm, optimizer, settings, extra_params)
         log.info("resumed from step %d of %d", step, config.steps)
     else:
+        snapshot("before training", 0)
         if wants_pretraining:
             subset = stratified_subset(train_records, config.gate_pretrain_examples, config.seed)
             targets = category_targets(subset, c.n_experts)
             sub_examples = [encode_example(tokenizer, r, config.max_len) for r in subset]
             history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, pad_id, progress)
+            snapshot("after gate pretraining", 0)
         if val:
             history["validation"].append({"step": 0, **evaluate(lm)})
         if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, lm, optimizer, 0, history, settings)
+            save_checkpoint(checkpoint_dir, lm, optimizer, 0, history, settings, extra_params)
 
     lm, optimizer = accelerator.prepare(lm, optimizer)
     inner = accelerator.unwrap_model(lm)
@@ -307,8 +342,12 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             postfix["val_ppl"] = f"{history['validation'][-1]['ppl']:.2f}"
         bar.set_postfix(postfix)
         bar.update(1)
+        if step == config.steps:
+            snapshot("end of training", step)
+        elif step == config.steps // 2:
+            snapshot("midway", step)
         if checkpoint_dir and (step % config.checkpoint_every == 0 or step == config.steps):
-            save_checkpoint(checkpoint_dir, inner, optimizer, step, history, settings)
+            save_checkpoint(checkpoint_dir, inner, optimizer, step, history, settings, extra_params)
         if on_step:
             on_step(step, history)
     bar.close()

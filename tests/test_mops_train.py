@@ -160,7 +160,10 @@ def test_mops_recover_cli_writes_a_loadable_adapter_and_resumes(tmp_path, tiny_d
     config = json.loads((out / "mops_config.json").read_text())
     assert config["mixture"]["gate_layer"] == 1 and config["mixture"]["inject_layer"] == 1  # round(0.3 * 2)
     assert config["data"] == ["dolly", "natural-instructions"] and config["training"]["steps"] == 3
-    assert json.loads((out / "history.json").read_text())["train_loss"]
+    history = json.loads((out / "history.json").read_text())
+    assert history["train_loss"]
+    snaps = json.loads((out / "gate_snapshots.json").read_text())
+    assert snaps == history["gate_snapshots"] and len(snaps) == 4 and (out / "gate_heatmap.png").is_file()
     assert not checkpoint_dir_for(out).exists()
     assert mops.load(tiny_dir, out).mixture.config.n_experts == 2
     code = entry(argv[:-3] + ["--out", str(tmp_path / "other"), "--resume", "--quiet"])
