@@ -1,0 +1,68 @@
+"""``run_federated(config, out)``: the ServerApp and N ClientApps in Flower's simulation
+engine (Ray) on one machine; what ``mops-recover --federated N`` calls."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from mops.errors import UserError
+from mops.federated.common import client_partitions, log
+from mops.federated.config import FederatedConfig
+from mops.federated.partition import category_counts, counts_markdown
+from mops.federated.server_app import (
+    FederatedServer,
+    checkpoint_dir_for,
+    make_server_app,
+)
+from mops.outputs import check_output_dir
+
+
+def run_federated(config: FederatedConfig, out, *, force: bool = False, resume: bool = False,
+                  client_cpus: float = 1.0, client_app=None, save_rounds: bool = False, on_round=None,
+                  quiet: bool = False) -> dict:
+    """Run the federated recovery; return the server's history (also in ``out/history.json``).
+
+    ``client_cpus``: CPU cores Ray gives each client process (2 cores and 1 per client:
+    two clients train at a time). ``client_app`` replaces the default ClientApp (e.g. one
+    with Flower mods around it). ``save_rounds`` keeps every client's returned tensors and
+    each round's aggregate under ``out/rounds/``.
+    """
+    from flwr.simulation import run_simulation
+
+    config.validate()
+    if not client_cpus > 0:
+        raise UserError(f"--client-cpus {client_cpus}: expected a positive number of cores")
+    check_output_dir(out, force or resume)
+    ckpt = checkpoint_dir_for(out)
+    if ckpt.exists() and not (resume or force):
+        raise UserError(f"an interrupted federated run left a checkpoint at {ckpt}; pass --resume to continue it, "
+                        "or --force to start over")
+    if force and not resume:
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+    # Partition here first: bad partition settings fail before Ray starts, and the table is shown.
+    table = category_counts(client_partitions(config))
+    print(f"{config.partition} partition of the training split over {config.n_clients} clients:\n"
+          f"{counts_markdown(table)}", flush=True)
+    if config.device.startswith("cuda"):
+        gpus = 1.0 / min(config.n_clients, 4)
+    else:
+        gpus = 0.0
+    server = FederatedServer(config, out, resume=resume, force=force, save_rounds=save_rounds, on_round=on_round)
+    if client_app is None:
+        from mops.federated.client_app import app as client_app
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
+               "init_args": {"logging_level": "ERROR" if quiet else "WARNING", "log_to_driver": not quiet,
+                             "include_dashboard": False}}
+    if quiet:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(server_app=make_server_app(server), client_app=client_app, num_supernodes=config.n_clients,
+                   backend_config=backend)
+    if server.history is None:
+        raise RuntimeError("the federated run ended without a result (see the log above)")
+    log.info("federated adapter -> %s", Path(out))
+    return server.history
