@@ -92,8 +92,14 @@ def checkpoint_dir_for(out) -> Path:
 
 
 def main(argv=None) -> None:
-    args = build_parser().parse_args(argv)
+    from mops.federated import cli as federated
+
+    parser = build_parser()
+    federated.add_arguments(parser)  # --federated N and its options; the run lives in mops/federated
+    args = parser.parse_args(argv)
     setup_logging(args.quiet)
+    if args.federated is not None:
+        return federated.run_from_args(args)
     mixture = MixtureConfig(args.experts, args.prompt_len, args.gate, args.combine, args.gate_layer,
                             args.inject_layer, args.gate_hidden, args.temperature)
     config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
