@@ -85,9 +85,19 @@ class Mixture(nn.Module):
     def needs_gate_states(self) -> bool:
         return not isinstance(self.gate, UniformGate)
 
+    def fused(self, tensor: torch.Tensor) -> bool:
+        """MoPs gate + interpolation on CUDA run as the Triton kernels of ``mops.kernels``
+        (imported only then, so CPU runs never load Triton); elsewhere the PyTorch path."""
+        return tensor.is_cuda and self.config.gate == "mops" and self.config.combine == "interpolate"
+
     def gate_weights(self, hidden: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
         if isinstance(self.gate, UniformGate):
             return self.gate.weights(batch, self.experts.weight.device)
+        if self.fused(hidden):
+            from mops.kernels.gate_interpolate import gate_weights
+            from mops.kernels.reference import mops_gate_params
+
+            return gate_weights(self.gate.pool(hidden, mask), *mops_gate_params(self.gate))
         return self.gate(hidden, mask, self.experts())
 
     def forward(self, weights: torch.Tensor):
@@ -95,7 +105,12 @@ class Mixture(nn.Module):
         P = self.experts()
         B, (K, m, d) = weights.shape[0], P.shape
         if self.config.combine == "interpolate":
-            prompt = torch.einsum("bk,kmd->bmd", weights.to(P.dtype), P)
+            if self.fused(P):
+                from mops.kernels.gate_interpolate import interpolate
+
+                prompt = interpolate(weights, P)
+            else:
+                prompt = torch.einsum("bk,kmd->bmd", weights.to(P.dtype), P)
             if self.config.gate == "attempt":
                 prompt = prompt + self.target
             return prompt, None

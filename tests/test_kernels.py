@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -214,3 +215,16 @@ def test_kernels_on_the_mops_module_parameters():
     errors = {"w": _rel(ours[0], torch_path[0]), "prompt": _rel(ours[1], torch_path[1]),
               **{k: _rel(ours[2][k], torch_path[2][k]) for k in ours[2]}}
     assert max(errors.values()) <= TOLERANCE[torch.float32], errors
+
+
+def test_mops_module_on_cpu_never_imports_triton():
+    """The CPU path of Mixture is PyTorch only: Triton is imported lazily, on CUDA."""
+    code = ("import sys, torch\n"
+            "from mops.mixture import Mixture, MixtureConfig\n"
+            "m = Mixture(MixtureConfig(n_experts=3, prompt_len=2, gate='mops'), 8)\n"
+            "w = m.gate_weights(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), 2)\n"
+            "assert m(w)[0].shape == (2, 2, 8)\n"
+            "print('triton' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
