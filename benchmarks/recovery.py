@@ -69,7 +69,9 @@ def parse_args(argv):
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--gate-pretrain-steps", type=int, default=50)
     p.add_argument("--eval-examples", type=int, default=16, help="validation examples, scored at the end")
-    p.add_argument("--test-examples", type=int, default=64, help="held-out test examples, stratified")
+    p.add_argument("--test-examples", type=int, default=64, help="held-out examples scored, stratified")
+    p.add_argument("--score-split", default="test", choices=("test", "validation"),
+                   help="the held-out split scored: tune on validation, report on test (default: test)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--work-dir", default="runs/recovery", help="where pruned checkpoints are cached")
@@ -81,7 +83,7 @@ def protocol(args) -> dict:
     """Everything that fixes a cell's number: a results file only grows under the same values."""
     keys = ("model", "prune_method", "calib_samples", "seq_len", "data", "limit_per_source", "experts", "prompt_len",
             "gate_layer", "inject_layer", "gate_hidden", "lora_rank", "steps", "batch_size", "max_len", "lr",
-            "gate_lr", "lora_lr", "gate_pretrain_steps", "eval_examples", "test_examples", "seed")
+            "gate_lr", "lora_lr", "gate_pretrain_steps", "eval_examples", "test_examples", "score_split", "seed")
     return {k: getattr(args, k) for k in keys} | {"test_max_len": RESPONSE_MAX_LEN}
 
 
@@ -107,7 +109,7 @@ def main(argv=None) -> None:
     results.update(protocol=protocol(args), versions=library_versions())
 
     splits = split_records(load_records(args.data, args.limit_per_source, args.seed), args.seed)
-    test = stratified_subset(splits["test"], args.test_examples, args.seed)
+    test = stratified_subset(splits[args.score_split], args.test_examples, args.seed)
 
     def score(model, tok):
         return response_perplexity(model, tok, test, progress=False)
@@ -129,7 +131,9 @@ def main(argv=None) -> None:
         todo = [m for m in args.methods if f"{setting}/{m}" not in results["cells"]]
         if not todo:
             continue
-        pruned_dir = Path(args.work_dir) / f"{args.name}-{args.prune_method}-{prune_config.setting.replace(':', 'of')}"
+        pruned_dir = Path(args.work_dir) / (f"{Path(args.model).name}-{args.prune_method}-"
+                                            f"{prune_config.setting.replace(':', 'of')}-calib{args.calib_samples}x"
+                                            f"{args.seq_len}-seed{args.seed}")
         if not (pruned_dir / "sparsity_report.json").is_file():
             model, tok = load_model(args.model, device=args.device)
             prune_to_folder(model, tok, prune_config, pruned_dir, model_name=args.model, force=True, quiet=True)
@@ -215,7 +219,7 @@ def markdown(results: dict, stem: str) -> str:
         f"g/l = {p['gate_layer'] or 'round(0.3 L)'}/{p['inject_layer'] or 'g'}, gate r = {p['gate_hidden']}, "
         f"lr {p['lr']} (prompts) / {p['gate_lr']} (gate) / {p['lora_lr']} (LoRA r = {p['lora_rank']}), "
         f"{p['gate_pretrain_steps']} gate-pretraining steps. Score: response-only perplexity of "
-        f"{p['test_examples']} stratified held-out test examples ({p['test_max_len']} tokens); dense model: "
+        f"{p['test_examples']} stratified held-out {p['score_split']} examples ({p['test_max_len']} tokens); dense model: "
         f"**{dense:.2f}**. Recovered = (log ppl_pruned - log ppl) / (log ppl_pruned - log ppl_dense).",
         "",
         "## Held-out perplexity",
