@@ -10,30 +10,34 @@ Cost: with N = m * d, the mix moves K*N + B*N elements and the gate only B*d + d
 (d = 4096, r = 128, K = 16, m = 100, B = 32: 20 M against 0.7 M), so the design streams P
 and out exactly once and keeps everything else small:
 
-forward, two launches
-  1. ``_gate_fwd``    one program per block of rows: h = x W1 + b1 (looping over d), then
-                      SiLU, W2, b2, /tau and the softmax in registers. Writes only h (B x r,
-                      kept for the backward instead of recomputing x W1) and w (B x K).
-  2. ``_mix_fwd``     a grid over (N tiles, row blocks of up to 128 rows): loads the K x tile
+forward, three launches
+  1. ``_gate_h``      split-K over d: each program multiplies a row block of x by a slice of
+                      W1's rows and writes a B x r partial (W1, d x r, is read once per 64
+                      rows at r = 128, by ~one program per SM instead of through one).
+  2. ``_gate_head``   per row block: h = sum of the partials + b1, then SiLU, W2, b2, /tau
+                      and the softmax in registers. Writes only h (B x r, kept for the
+                      backward instead of recomputing x W1) and w (B x K).
+  3. ``_mix_fwd``     a grid over (N tiles, row blocks of up to 128 rows): loads the K x tile
                       slab of P and the row block's weights (cast to P's dtype, as
                       ``Mixture.forward`` does), one ``tl.dot`` with float32 accumulation,
                       writes the out tile. Up to B = 128, P is read once and out written once.
 backward, two launches and a tiny sum
-  3. ``_mix_bwd``     a grid over (N strips, row blocks): each program walks its strip tile by
+  4. ``_mix_bwd``     a grid over (N strips, row blocks): each program walks its strip tile by
                       tile, reading dout and P once, writing dP = w^T dout for the tile and
                       accumulating dw = dout P^T in registers; each strip writes one B x K
-                      partial (strips ~ 4 per SM, so the partials stay ~1% of dout), summed
-                      in PyTorch. Above 128 rows the row blocks add into dP atomically.
-  4. ``_gate_bwd``    a grid over d tiles: softmax and SiLU backward from the saved h and w,
+                      float32 partial, summed in PyTorch (2 strips per SM: at m d = 409,600
+                      and K = 16 the partials are 2% of dout's bfloat16 bytes). Above 128
+                      rows the row blocks add into dP atomically.
+  5. ``_gate_bwd``    a grid over d tiles: softmax and SiLU backward from the saved h and w,
                       dx = dh W1^T and dW1 = x^T dh per d tile; program 0 also writes dW2,
                       db1 and db2. Touches only the gate-sized tensors.
 
 Never materialised: the logits, SiLU(h), the B x K x N products, a float32 copy of P or out.
 The two halves are separate ``torch.autograd.Function``s (``GateFunction``, ``MixFunction``)
-joined by the B x K weights: splitting there costs no memory pass (launches 1-2 and 3-4 are
-separate anyway, since the dw reduction over N must finish before the gate backward), and it
-lets ``Mixture`` compute the weights and the prompt in its two steps. ``gate_interpolate``
-is the whole op.
+joined by the B x K weights: splitting there costs no memory pass (the gate and the mix are
+separate launches anyway, and the dw reduction over N must finish before the gate
+backward), and it lets ``Mixture`` compute the weights and the prompt in its two steps.
+``gate_interpolate`` is the whole op.
 
 Accumulation is float32 for float32, bfloat16 and float16 inputs (float64 for float64, so
 ``gradcheck`` can run); float32 products use IEEE precision, not TF32.
@@ -50,10 +54,14 @@ import triton.language as tl
 
 MAX_BLOCK_B = 128  # rows per mix program: P is re-read once per 128 rows of the batch
 TILE_BUDGET = 16384  # elements of the largest register tile in the mix kernels
-GATE_BLOCK_B = 16
-GATE_BLOCK_D = 64
-STRIPS_PER_SM = 4
-INTERPRETER_STRIPS = 4  # on CPU (the interpreter) there are no SMs to count
+GATE_TILE = 8192  # elements of the gate's B x r tile: 64 rows at r = 128 (W1 re-read once per row block)
+GATE_BLOCK_D = 64  # d rows of W1 per step of the gate's split-K loop
+GATE_BWD_BLOCK_B = 16
+GATE_BWD_TILE = 4096  # elements of the d x r tiles of W1 and dW1: 32 columns of d at r = 128, 128 programs at d = 4096
+GATE_WARPS = 8
+MIX_WARPS = 8  # the mix tiles are TILE_BUDGET elements: 8 warps keep them in registers
+STRIPS_PER_SM = 2
+INTERPRETER_PROGRAMS = 2  # stands in for the SM count under the interpreter: several splits and strips
 
 _poison = False
 
@@ -104,33 +112,52 @@ def _dot(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
     is the same math (a product of two bfloat16 values is exact in float32), so CPU tests
     check what the tensor cores compute; the GPU keeps bfloat16 operands."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, out_dtype=ACC, input_precision="ieee")
-    return tl.dot(a, b, acc, out_dtype=ACC, input_precision="ieee")
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, out_dtype=ACC, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, out_dtype=ACC, input_precision="ieee")
+    return acc
 
 
 @triton.jit
-def _gate_fwd(x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, w_ptr,
-              B, D, R, K, sxb, sxd, sw1d, sw1r, sw2r, sw2k, tau,
-              BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-              ACC: tl.constexpr):
+def _gate_h(x_ptr, w1_ptr, part_ptr, B, D, R, sxb, sxd, sw1d, sw1r, chunks_per_split,
+            BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr):
+    """One split of d: part[split, rows] = x[rows, d chunk] W1[d chunk] (split-K, so W1 is
+    read by many SMs at once rather than streamed through one)."""
+    split = tl.program_id(1)
+    rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rr = tl.arange(0, BLOCK_R)
+    row, r_ok = rb < B, rr < R
+    h = tl.zeros((BLOCK_B, BLOCK_R), dtype=ACC)
+    for i in range(chunks_per_split):
+        rd = (split * chunks_per_split + i) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = rd < D
+        x = tl.load(x_ptr + rb[:, None] * sxb + rd[None, :] * sxd, mask=row[:, None] & d_ok[None, :], other=0.0)
+        w1 = tl.load(w1_ptr + rd[:, None] * sw1d + rr[None, :] * sw1r, mask=d_ok[:, None] & r_ok[None, :], other=0.0)
+        h = tl.dot(x.to(ACC), w1.to(ACC), h, out_dtype=ACC, input_precision="ieee")
+    tl.store(part_ptr + (split * B + rb)[:, None] * R + rr[None, :], h, mask=row[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _gate_head(part_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, w_ptr, B, R, K, splits, sw2r, sw2k, tau,
+               BLOCK_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr):
+    """h = sum of the splits + b1, then SiLU, W2, b2, /tau and the softmax, all in registers."""
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rr = tl.arange(0, BLOCK_R)
     rk = tl.arange(0, BLOCK_K)
     row, r_ok, k_ok = rb < B, rr < R, rk < K
+    br = row[:, None] & r_ok[None, :]
     h = tl.zeros((BLOCK_B, BLOCK_R), dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        x = tl.load(x_ptr + rb[:, None] * sxb + rd[None, :] * sxd, mask=row[:, None] & (rd[None, :] < D), other=0.0)
-        w1 = tl.load(w1_ptr + rd[:, None] * sw1d + rr[None, :] * sw1r, mask=(rd[:, None] < D) & r_ok[None, :], other=0.0)
-        h = tl.dot(x.to(ACC), w1.to(ACC), h, input_precision="ieee")
+    for split in range(splits):
+        h += tl.load(part_ptr + (split * B + rb)[:, None] * R + rr[None, :], mask=br, other=0.0)
     h += tl.load(b1_ptr + rr, mask=r_ok, other=0.0).to(ACC)[None, :]
     a = h / (1.0 + tl.exp(-h))  # SiLU
     w2 = tl.load(w2_ptr + rr[:, None] * sw2r + rk[None, :] * sw2k, mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-    logits = tl.dot(a, w2.to(ACC), out_dtype=ACC, input_precision="ieee") + tl.load(b2_ptr + rk, mask=k_ok, other=0.0).to(ACC)[None, :]
+    logits = tl.dot(a, w2.to(ACC), out_dtype=ACC, input_precision="ieee")
+    logits += tl.load(b2_ptr + rk, mask=k_ok, other=0.0).to(ACC)[None, :]
     logits = tl.where(k_ok[None, :], logits / tau, float("-inf"))
     e = tl.exp(logits - tl.max(logits, 1)[:, None])
     w = e / tl.sum(e, 1)[:, None]
-    tl.store(h_ptr + rb[:, None] * R + rr[None, :], h, mask=row[:, None] & r_ok[None, :])
+    tl.store(h_ptr + rb[:, None] * R + rr[None, :], h, mask=br)
     tl.store(w_ptr + rb[:, None] * K + rk[None, :], w, mask=row[:, None] & k_ok[None, :])
 
 
@@ -144,7 +171,7 @@ def _mix_fwd(w_ptr, p_ptr, out_ptr, B, N, K, swb, swk,
     row, n_ok, k_ok = rb < B, rn < N, rk < K
     w = tl.load(w_ptr + rb[:, None] * swb + rk[None, :] * swk, mask=row[:, None] & k_ok[None, :], other=0.0)
     p = tl.load(p_ptr + rk.to(tl.int64)[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    out = _dot(w.to(p.dtype), p, None, ACC, UPCAST)
+    out = _dot(w.to(p.dtype), p, tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC), ACC, UPCAST)
     tl.store(out_ptr + rb.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row[:, None] & n_ok[None, :])
 
@@ -167,7 +194,7 @@ def _mix_bwd(w_ptr, p_ptr, dout_ptr, dp_ptr, dw_ptr, B, N, K, swb, swk, tiles_pe
         p_at = rk.to(tl.int64)[:, None] * N + rn[None, :]
         p_mask = k_ok[:, None] & n_ok[None, :]
         if NEED_DP:
-            dp = _dot(wt, g, None, ACC, UPCAST)
+            dp = _dot(wt, g, tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC), ACC, UPCAST)
             if ATOMIC_DP:  # several row blocks share the tile: add into a zeroed accumulation buffer
                 tl.atomic_add(dp_ptr + p_at, dp.to(dp_ptr.dtype.element_ty), mask=p_mask)
             else:
@@ -242,10 +269,19 @@ def gate_forward(x, W1, b1, W2, b2, temperature: float):
     B, D, R, K = _check_gate(x, W1, b1, W2, b2, temperature)
     acc, acc_tl = _acc_dtype(x, W1, b1, W2, b2)
     h, w = _output((B, R), acc, x.device), _output((B, K), acc, x.device)
-    if B:
-        _gate_fwd[(triton.cdiv(B, GATE_BLOCK_B),)](
-            x, W1, b1.contiguous(), W2, b2.contiguous(), h, w, B, D, R, K, *x.stride(), *W1.stride(), *W2.stride(),
-            float(temperature), BLOCK_B=GATE_BLOCK_B, BLOCK_D=GATE_BLOCK_D, BLOCK_R=_pow2(R), BLOCK_K=_pow2(K), ACC=acc_tl)
+    if B == 0:
+        return h, w
+    block_r = _pow2(R)
+    block_b = min(_pow2(B), max(16, GATE_TILE // block_r))
+    b_blocks, chunks = triton.cdiv(B, block_b), triton.cdiv(D, GATE_BLOCK_D)
+    per_split = triton.cdiv(chunks, max(1, min(chunks, triton.cdiv(_programs(x.device), b_blocks))))
+    splits = triton.cdiv(chunks, per_split)
+    part = _output((splits, B, R), acc, x.device)
+    _gate_h[(b_blocks, splits)](x, W1, part, B, D, R, *x.stride(), *W1.stride(), per_split, BLOCK_B=block_b,
+                                BLOCK_D=GATE_BLOCK_D, BLOCK_R=block_r, ACC=acc_tl, num_warps=GATE_WARPS)
+    _gate_head[(b_blocks,)](part, b1.contiguous(), W2, b2.contiguous(), h, w, B, R, K, splits, *W2.stride(),
+                            float(temperature), BLOCK_B=block_b, BLOCK_R=block_r, BLOCK_K=_pow2(K), ACC=acc_tl,
+                            num_warps=GATE_WARPS)
     return h, w
 
 
@@ -257,9 +293,12 @@ def gate_backward(dw, x, W1, W2, h, w, temperature: float, dtypes):
     grads = [_output(shape, dt, dev) for shape, dt in zip(((B, D), (D, R), (R,), (R, K), (K,)), dtypes)]
     if B == 0:  # nothing to sum: zero gradients (dx is empty)
         return tuple(g.zero_() for g in grads)
-    _gate_bwd[(triton.cdiv(D, GATE_BLOCK_D),)](
+    block_r = _pow2(R)
+    block_d = max(16, GATE_BWD_TILE // block_r)
+    _gate_bwd[(triton.cdiv(D, block_d),)](
         x, W1, W2, h, w, dw.to(acc).contiguous(), *grads, B, D, R, K, *x.stride(), *W1.stride(), *W2.stride(),
-        float(temperature), BLOCK_B=GATE_BLOCK_B, BLOCK_D=GATE_BLOCK_D, BLOCK_R=_pow2(R), BLOCK_K=_pow2(K), ACC=acc_tl)
+        float(temperature), BLOCK_B=GATE_BWD_BLOCK_B, BLOCK_D=block_d, BLOCK_R=block_r, BLOCK_K=_pow2(K),
+        ACC=acc_tl, num_warps=GATE_WARPS)
     return tuple(grads)
 
 
@@ -271,27 +310,26 @@ def mix_forward(w, P2):
         block_b, block_k, block_n = _mix_blocks(B, K, N)
         _mix_fwd[(triton.cdiv(N, block_n), triton.cdiv(B, block_b))](
             w, P2, out, B, N, K, *w.stride(), BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k,
-            ACC=_acc_dtype(w, P2)[1], UPCAST=_upcast(P2.dtype))
+            ACC=_acc_dtype(P2)[1], UPCAST=_upcast(P2.dtype), num_warps=MIX_WARPS)
     return out
 
 
-def _strips(n_tiles: int, device) -> int:
+def _programs(device) -> int:
+    """Programs that fill the GPU once: its SM count (the interpreter has no SMs to count)."""
     if device.type == "cuda":
-        target = STRIPS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = INTERPRETER_STRIPS
-    return max(1, min(n_tiles, target))
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return INTERPRETER_PROGRAMS
 
 
 def mix_backward(dout2, w, P2, need_dp: bool, need_dw: bool):
     """dout (B x N, P's dtype, contiguous) -> (dP K x N or None, dw B x K float32/64 or None)."""
     (B, K), N = w.shape, P2.shape[1]
-    acc, acc_tl = _acc_dtype(w, P2)
+    acc, acc_tl = _acc_dtype(P2)  # the dots run in P's dtype (w is cast to it, as in the forward)
     if B == 0 or N == 0:  # nothing to sum
         return (P2.new_zeros((K, N)) if need_dp else None), (w.new_zeros((B, K), dtype=acc) if need_dw else None)
     block_b, block_k, block_n = _mix_blocks(B, K, N)
     n_tiles = triton.cdiv(N, block_n)
-    per_strip = triton.cdiv(n_tiles, _strips(n_tiles, P2.device))
+    per_strip = triton.cdiv(n_tiles, max(1, min(n_tiles, STRIPS_PER_SM * _programs(P2.device))))
     strips = triton.cdiv(n_tiles, per_strip)
     b_blocks = triton.cdiv(B, block_b)
     atomic = b_blocks > 1
@@ -301,7 +339,7 @@ def mix_backward(dout2, w, P2, need_dp: bool, need_dw: bool):
     _mix_bwd[(strips, b_blocks)](
         w, P2, dout2, dp, partial, B, N, K, *w.stride(), per_strip, BLOCK_B=block_b, BLOCK_N=block_n,
         BLOCK_K=block_k, ACC=acc_tl, UPCAST=_upcast(P2.dtype), NEED_DP=need_dp, NEED_DW=need_dw,
-        ATOMIC_DP=atomic)
+        ATOMIC_DP=atomic, num_warps=MIX_WARPS)
     return (dp.to(P2.dtype) if need_dp else None), (partial.sum(0) if need_dw else None)
 
 
@@ -346,12 +384,12 @@ class MixFunction(torch.autograd.Function):
 
 
 def gate_weights(x, W1, b1, W2, b2, temperature: float) -> torch.Tensor:
-    """The MoPs gate alone (launch 1; backward launch 4)."""
+    """The MoPs gate alone (launches 1-2; backward launch 5)."""
     return GateFunction.apply(x, W1, b1, W2, b2, float(temperature))
 
 
 def interpolate(w, P) -> torch.Tensor:
-    """The mix alone (launch 2; backward launch 3)."""
+    """The mix alone (launch 3; backward launch 4)."""
     return MixFunction.apply(w, P)
 
 

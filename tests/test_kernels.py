@@ -120,9 +120,10 @@ def test_forward_and_gradients_match_float64_reference(shape, dtype):
     _compare(_inputs(*shape, [dtype] * 6), TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_large_prompt(dtype):
-    _compare(_inputs(*LARGE, [dtype] * 6), TOLERANCE[dtype])
+def test_large_prompt():
+    """Llama-7B's m * d (409,600 elements per prompt): many tiles per strip, several splits of d.
+    float32 only (the dtype the module's experts have); the interpreter needs ~5 s for it."""
+    _compare(_inputs(*LARGE, [torch.float32] * 6), TOLERANCE[torch.float32])
 
 
 def test_mixed_dtypes_cast_like_the_module():
