@@ -174,11 +174,11 @@ def main(argv=None) -> None:
     lines = [
         f"# Fused MoPs gate + interpolation kernels on {gpu}",
         "",
-        f"Made by `{command}`: torch {torch.__version__}, triton {_triton_version()}; gate width r = {GATE_HIDDEN}; "
-        f"median of {args.reps} CUDA-event timings per cell, milliseconds. `fused`: the Triton kernels; `eager` and "
-        "`compiled`: the PyTorch reference, eagerly and under `torch.compile`. forward+backward returns the "
-        "gradients of x, W1, b1, W2, b2 and P. `floor`: the bytes the op must move divided by the measured "
-        f"device-to-device copy bandwidth ({bandwidth / 1e6:.0f} GB/s).",
+        (f"Made by `{command}`: torch {torch.__version__}, triton {_triton_version()}; gate width r = {GATE_HIDDEN}; "
+         f"median of {args.reps} CUDA-event timings per cell, milliseconds. `fused`: the Triton kernels; `eager` and "
+         "`compiled`: the PyTorch reference, eagerly and under `torch.compile`. forward+backward returns the "
+         "gradients of x, W1, b1, W2, b2 and P. `floor`: the bytes the op must move divided by the measured "
+         f"device-to-device copy bandwidth ({bandwidth / 1e6:.0f} GB/s)."),
         "",
         *table(rows, not args.skip_compile),
     ]

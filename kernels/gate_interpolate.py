@@ -288,7 +288,7 @@ def gate_forward(x, W1, b1, W2, b2, temperature: float):
 def gate_backward(dw, x, W1, W2, h, w, temperature: float, dtypes):
     """dw (B x K) -> (dx, dW1, db1, dW2, db2) in ``dtypes`` (the inputs' dtypes)."""
     (B, D), (R, K) = x.shape, W2.shape
-    acc, acc_tl = _acc_dtype(x, W1, W2)
+    acc, acc_tl = _acc_dtype(h)  # the forward's accumulation dtype
     dev = x.device
     grads = [_output(shape, dt, dev) for shape, dt in zip(((B, D), (D, R), (R,), (R, K), (K,)), dtypes)]
     if B == 0:  # nothing to sum: zero gradients (dx is empty)

@@ -226,6 +226,6 @@ def test_mops_module_on_cpu_never_imports_triton():
             "w = m.gate_weights(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), 2)\n"
             "assert m(w)[0].shape == (2, 2, 8)\n"
             "print('triton' in sys.modules)\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
