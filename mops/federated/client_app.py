@@ -98,7 +98,8 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         optimizer.step()
         losses.append(loss_sum)
     report.update({"train-loss-first": losses[0], "train-loss": sum(losses) / len(losses),
-                   "train-loss-last": losses[-1], "seconds": time.perf_counter() - started, "pid": os.getpid()})
+                   "train-loss-last": losses[-1], "seconds": time.perf_counter() - started, "pid": os.getpid(),
+                   "base-loads": cached_base.cache_info().misses})  # 1: the base loaded once in this process
     log.info("client %d, round %d: %d steps on %d examples, loss %.3f -> %.3f", partition_id, server_round,
              config.local_steps, len(records), losses[0], losses[-1])
     return trainable_state(lm.mixture), report

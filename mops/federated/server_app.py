@@ -175,7 +175,10 @@ class FederatedServer:
                                 f"{c.required_clients} required (missing: {', '.join(m['client'] for m in missing)}); "
                                 f"rounds 1..{rnd - 1} are checkpointed, rerun with --resume")
             for r in good:  # names learnt from replies too (a node that missed the hello)
-                self.node_partition.setdefault(r.metadata.src_node_id, int(r.content["metrics"]["partition-id"]))
+                reply = r.content["metrics"]
+                self.node_partition.setdefault(r.metadata.src_node_id, int(reply["partition-id"]))
+                # how many times each client process has loaded the frozen base (1: cached, never sent)
+                history.setdefault("base_loads", {})[str(int(reply["pid"]))] = int(reply["base-loads"])
             new_arrays, metrics = strategy.aggregate_train(rnd, good)
             if self.save_rounds:  # what each client returned and the aggregate, for checking FedAvg
                 folder = rounds_dir / f"round_{rnd}"
@@ -250,6 +253,8 @@ def config_from_run_config(run_config) -> tuple[FederatedConfig, str]:
     for key, (name, cast) in RUN_CONFIG_KEYS.items():
         if key in rc:
             setattr(config, name, cast(rc[key]))
+    if config.limit_per_source == 0:  # TOML has no null: 0 means every record
+        config.limit_per_source = None
     for key, name in MIXTURE_KEYS.items():
         if key in rc:
             config.mixture[name] = rc[key]

@@ -55,7 +55,10 @@ def run_federated(config: FederatedConfig, out, *, force: bool = False, resume: 
     if client_app is None:
         from mops.federated.client_app import app as client_app
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus},
+    # Flower 1.41 passes client_resources to Ray's actor options. Without restarts, a client
+    # process that dies stays in Flower's pool and fails every later client sent to it;
+    # max_restarts brings a fresh process (which loads the base once again) for the next one.
+    backend = {"client_resources": {"num_cpus": client_cpus, "num_gpus": gpus, "max_restarts": -1},
                "init_args": {"logging_level": "ERROR" if quiet else "WARNING", "log_to_driver": not quiet,
                              "include_dashboard": False}}
     if quiet:
