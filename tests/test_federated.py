@@ -314,4 +314,6 @@ def test_federated_cli_refuses_bad_input(tiny_dir, tmp_path, capsys):
     assert "--strategy 'fedsgd'" in capsys.readouterr().err
     assert entry(base + ["--federated", "2", "--min-clients", "3"]) == 2
     assert "--min-clients 3" in capsys.readouterr().err
+    assert entry(base + ["--federated", "2", "--gate", "single"]) == 2  # K = 4 by default
+    assert "--gate single is one prompt" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

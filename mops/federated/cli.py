@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(resumable) (default: more than half)")
     f.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for a round's replies; "
                    "clients later than that are left out of the round (default: 3600)")
+    f.add_argument("--gate-pretrain-examples", type=int, default=512, help="records of each client's partition "
+                   "the gate is pretrained on in round 1, stratified (default: 512)")
     f.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores per simulated client process (default: 1)")
 
 
@@ -51,7 +53,7 @@ def config_from_args(args) -> FederatedConfig:
                             temperature=args.temperature)
     train = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, gate_lr=args.gate_lr,
                         gate_pretrain_steps=args.gate_pretrain_steps, gate_pretrain_lr=args.gate_pretrain_lr,
-                        max_len=args.max_len, eval_examples=args.eval_examples, seed=args.seed,
+                        gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len, eval_examples=args.eval_examples, seed=args.seed,
                         mixed_precision=args.mixed_precision)
     return FederatedConfig(base=args.base, data=list(args.data), n_clients=args.federated, rounds=args.rounds,
                            local_steps=args.local_steps, limit_per_source=args.limit_per_source,

@@ -16,6 +16,7 @@ from mops.federated.server_app import (
     checkpoint_dir_for,
     make_server_app,
 )
+from mops.models import check_causal_lm, resolve_checkpoint
 from mops.outputs import check_output_dir
 
 
@@ -34,6 +35,8 @@ def run_federated(config: FederatedConfig, out, *, force: bool = False, resume: 
     config.validate()
     if not client_cpus > 0:
         raise UserError(f"--client-cpus {client_cpus}: expected a positive number of cores")
+    # Bad mixture sizes or layers fail here, in one line, before Ray starts.
+    config.mixture_config().resolved(check_causal_lm(resolve_checkpoint(config.base)).num_hidden_layers)
     check_output_dir(out, force or resume)
     ckpt = checkpoint_dir_for(out)
     if ckpt.exists() and not (resume or force):
