@@ -60,6 +60,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--runs-dir", default="runs/federated", help="pruned checkpoints and adapters (default: runs/federated)")
     p.add_argument("--out-dir", default=str(RESULTS))
+    p.add_argument("--reuse-only", action="store_true", help="start no run: tabulate the finished ones, mark the rest")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -94,6 +95,8 @@ def run_one(args, base: Path, method: str, setting: str) -> dict:
     cmd = federated_command(args, base, method, out)
     stamp = out.parent / f"{method}.command"
     if not ((out / "history.json").is_file() and stamp.is_file() and stamp.read_text() == shlex.join(cmd)):
+        if args.reuse_only:
+            return None
         print("$", shlex.join(cmd), flush=True)
         started = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -134,12 +137,13 @@ def write_outputs(args, results: dict, out_dir: Path) -> None:
              "| setting | pruned | " + " | ".join(args.methods) + " | mops vs single |",
              "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " | ---: |"]
     for setting, row in results["settings"].items():
-        cells = [f"{row[m]['test_ppl']:.2f}" for m in args.methods]
+        cells = [f"{row[m]['test_ppl']:.2f}" if row.get(m) else "not run" for m in args.methods]
         gap = ""
-        if "mops" in row and "single" in row:
+        if row.get("mops") and row.get("single"):
             gap = f"{100 * (row['single']['test_ppl'] - row['mops']['test_ppl']) / row['single']['test_ppl']:+.1f}% lower"
-        base = next(iter(row.values()))["base_test_ppl"]
-        lines.append(f"| {setting} | {base:.2f} | " + " | ".join(cells) + f" | {gap} |")
+        done = [r for r in row.values() if r]
+        base = f"{done[0]['base_test_ppl']:.2f}" if done else ""
+        lines.append(f"| {setting} | {base} | " + " | ".join(cells) + f" | {gap} |")
     lines += ["", ("Held-out test response perplexity (lower is better); 'mops vs single' is how much lower "
               "federated MoPs is than the federated single prompt."), "",
               "Validation perplexity per round (round 0 = the initial global adapter):", "",
@@ -147,14 +151,16 @@ def write_outputs(args, results: dict, out_dir: Path) -> None:
               "| --- | --- | " + " | ".join("---:" for _ in range(args.rounds + 1)) + " | ---: |"]
     for setting, row in results["settings"].items():
         for m in args.methods:
+            if not row.get(m):
+                continue
             v = row[m]["validation_per_round"]
             secs = row[m]["wall_seconds"]
             lines.append(f"| {setting} | {m} | " + " | ".join(f"{x:.2f}" for x in v) + f" | {secs or 0:.0f} |")
-    first = next(iter(results["settings"].values()))
+    finished = [r for row in results["settings"].values() for r in row.values() if r]
     from mops.federated.partition import counts_markdown
 
     lines += ["", "Category counts of each client (the same for every run):", "",
-              counts_markdown(next(iter(first.values()))["partition_counts"]), "",
+              counts_markdown(finished[0]["partition_counts"]) if finished else "(no finished run)", "",
               f"![validation perplexity per round](federated_{args.name}.png)", ""]
     stem.with_suffix(".md").write_text("\n".join(lines))
     plot(args, results, stem.with_suffix(".png"))
@@ -170,6 +176,8 @@ def plot(args, results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 3.6), squeeze=False)
     for ax, setting in zip(axes[0], settings):
         for m in args.methods:
+            if not results["settings"][setting].get(m):
+                continue
             v = results["settings"][setting][m]["validation_per_round"]
             ax.plot(range(len(v)), v, marker="o", label=m)
         ax.set_title(f"SparseGPT {setting}, {args.clients} skewed clients")
@@ -189,7 +197,10 @@ def main(argv=None) -> None:
                "argv": list(sys.argv[1:] if argv is None else argv),
                "options": {k: v for k, v in vars(args).items() if k not in ("out_dir", "quiet")}}
     for setting in args.settings:
-        base = pruned_checkpoint(args, setting)
+        if args.reuse_only:
+            base = Path(args.runs_dir) / f"sparsegpt-{setting.replace(':', 'of')}"
+        else:
+            base = pruned_checkpoint(args, setting)
         results["settings"][setting] = {m: run_one(args, base, m, setting) for m in args.methods}
         write_outputs(args, results, out_dir)  # partial tables are written as they complete
     print((out_dir / f"federated_{args.name}.md").read_text())
