@@ -194,7 +194,8 @@ def main(argv=None) -> None:
     setup_logging(args.quiet)
     out_dir = Path(args.out_dir)
     results = {"model": args.model, "settings": {}, "versions": library_versions(),
-               "argv": list(sys.argv[1:] if argv is None else argv),
+               # the command that makes these runs (--reuse-only only tabulates the same runs)
+               "argv": [a for a in (sys.argv[1:] if argv is None else argv) if a != "--reuse-only"],
                "options": {k: v for k, v in vars(args).items() if k not in ("out_dir", "quiet")}}
     for setting in args.settings:
         if args.reuse_only:
