@@ -105,6 +105,21 @@ def _mix_blocks(B: int, K: int, N: int) -> tuple[int, int, int]:
 
 
 # ---------------------------------------------------------------------------- kernels
+# The kernels call Triton builtins only. tl.zeros, tl.sum and tl.max are themselves @jit
+# functions, decorated when triton.language is first imported: when another library imported
+# Triton before TRITON_INTERPRET=1 was set, the interpreter cannot call them. tl.full and
+# tl.reduce with Triton's own combine functions are the same operations (the interpreter runs
+# those combines as NumPy reductions), and the helpers below are decorated with this module.
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
 @triton.jit
 def _dot(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b (+ acc) accumulated in ACC. UPCAST multiplies bfloat16 operands as float32:
@@ -127,7 +142,7 @@ def _gate_h(x_ptr, w1_ptr, part_ptr, B, D, R, sxb, sxd, sw1d, sw1r, chunks_per_s
     rb = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     rr = tl.arange(0, BLOCK_R)
     row, r_ok = rb < B, rr < R
-    h = tl.zeros((BLOCK_B, BLOCK_R), dtype=ACC)
+    h = tl.full((BLOCK_B, BLOCK_R), 0.0, dtype=ACC)
     for i in range(chunks_per_split):
         rd = (split * chunks_per_split + i) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = rd < D
@@ -146,7 +161,7 @@ def _gate_head(part_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, w_ptr, B, R, K, splits, 
     rk = tl.arange(0, BLOCK_K)
     row, r_ok, k_ok = rb < B, rr < R, rk < K
     br = row[:, None] & r_ok[None, :]
-    h = tl.zeros((BLOCK_B, BLOCK_R), dtype=ACC)
+    h = tl.full((BLOCK_B, BLOCK_R), 0.0, dtype=ACC)
     for split in range(splits):
         h += tl.load(part_ptr + (split * B + rb)[:, None] * R + rr[None, :], mask=br, other=0.0)
     h += tl.load(b1_ptr + rr, mask=r_ok, other=0.0).to(ACC)[None, :]
@@ -155,8 +170,8 @@ def _gate_head(part_ptr, b1_ptr, w2_ptr, b2_ptr, h_ptr, w_ptr, B, R, K, splits, 
     logits = tl.dot(a, w2.to(ACC), out_dtype=ACC, input_precision="ieee")
     logits += tl.load(b2_ptr + rk, mask=k_ok, other=0.0).to(ACC)[None, :]
     logits = tl.where(k_ok[None, :], logits / tau, float("-inf"))
-    e = tl.exp(logits - tl.max(logits, 1)[:, None])
-    w = e / tl.sum(e, 1)[:, None]
+    e = tl.exp(logits - _max(logits, 1)[:, None])
+    w = e / _sum(e, 1)[:, None]
     tl.store(h_ptr + rb[:, None] * R + rr[None, :], h, mask=br)
     tl.store(w_ptr + rb[:, None] * K + rk[None, :], w, mask=row[:, None] & k_ok[None, :])
 
@@ -171,7 +186,7 @@ def _mix_fwd(w_ptr, p_ptr, out_ptr, B, N, K, swb, swk,
     row, n_ok, k_ok = rb < B, rn < N, rk < K
     w = tl.load(w_ptr + rb[:, None] * swb + rk[None, :] * swk, mask=row[:, None] & k_ok[None, :], other=0.0)
     p = tl.load(p_ptr + rk.to(tl.int64)[:, None] * N + rn[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-    out = _dot(w.to(p.dtype), p, tl.zeros((BLOCK_B, BLOCK_N), dtype=ACC), ACC, UPCAST)
+    out = _dot(w.to(p.dtype), p, tl.full((BLOCK_B, BLOCK_N), 0.0, dtype=ACC), ACC, UPCAST)
     tl.store(out_ptr + rb.to(tl.int64)[:, None] * N + rn[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row[:, None] & n_ok[None, :])
 
@@ -186,7 +201,7 @@ def _mix_bwd(w_ptr, p_ptr, dout_ptr, dp_ptr, dw_ptr, B, N, K, swb, swk, tiles_pe
     row, k_ok = rb < B, rk < K
     wt = tl.load(w_ptr + rk[:, None] * swk + rb[None, :] * swb, mask=k_ok[:, None] & row[None, :], other=0.0)
     wt = wt.to(p_ptr.dtype.element_ty)  # K x rows: the weights as the forward used them
-    dw = tl.zeros((BLOCK_B, BLOCK_K), dtype=ACC)
+    dw = tl.full((BLOCK_B, BLOCK_K), 0.0, dtype=ACC)
     for i in range(tiles_per_strip):
         rn = (strip * tiles_per_strip + i) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -194,7 +209,7 @@ def _mix_bwd(w_ptr, p_ptr, dout_ptr, dp_ptr, dw_ptr, B, N, K, swb, swk, tiles_pe
         p_at = rk.to(tl.int64)[:, None] * N + rn[None, :]
         p_mask = k_ok[:, None] & n_ok[None, :]
         if NEED_DP:
-            dp = _dot(wt, g, tl.zeros((BLOCK_K, BLOCK_N), dtype=ACC), ACC, UPCAST)
+            dp = _dot(wt, g, tl.full((BLOCK_K, BLOCK_N), 0.0, dtype=ACC), ACC, UPCAST)
             if ATOMIC_DP:  # several row blocks share the tile: add into a zeroed accumulation buffer
                 tl.atomic_add(dp_ptr + p_at, dp.to(dp_ptr.dtype.element_ty), mask=p_mask)
             else:
@@ -218,25 +233,25 @@ def _gate_bwd(x_ptr, w1_ptr, w2_ptr, h_ptr, w_ptr, dw_ptr, dx_ptr, dw1_ptr, db1_
     d_ok, r_ok, k_ok = rd < D, rr < R, rk < K
     w1 = tl.load(w1_ptr + rd[:, None] * sw1d + rr[None, :] * sw1r, mask=d_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
     w2 = tl.load(w2_ptr + rr[:, None] * sw2r + rk[None, :] * sw2k, mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
-    dw1 = tl.zeros((BLOCK_D, BLOCK_R), dtype=ACC)
-    dw2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
-    db1 = tl.zeros((BLOCK_R,), dtype=ACC)
-    db2 = tl.zeros((BLOCK_K,), dtype=ACC)
+    dw1 = tl.full((BLOCK_D, BLOCK_R), 0.0, dtype=ACC)
+    dw2 = tl.full((BLOCK_R, BLOCK_K), 0.0, dtype=ACC)
+    db1 = tl.full((BLOCK_R,), 0.0, dtype=ACC)
+    db2 = tl.full((BLOCK_K,), 0.0, dtype=ACC)
     for b0 in range(0, B, BLOCK_B):
         rb = b0 + tl.arange(0, BLOCK_B)
         row = rb < B
         bk = row[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + rb[:, None] * K + rk[None, :], mask=bk, other=0.0)
         g = tl.load(dw_ptr + rb[:, None] * K + rk[None, :], mask=bk, other=0.0)
-        ds = w * (g - tl.sum(w * g, 1)[:, None]) / tau  # softmax backward, through the /tau
+        ds = w * (g - _sum(w * g, 1)[:, None]) / tau  # softmax backward, through the /tau
         h = tl.load(h_ptr + rb[:, None] * R + rr[None, :], mask=row[:, None] & r_ok[None, :], other=0.0)
         sig = 1.0 / (1.0 + tl.exp(-h))
         a = h * sig
         da = tl.dot(ds, tl.trans(w2), out_dtype=ACC, input_precision="ieee")
         dh = da * sig * (1.0 + h * (1.0 - sig))  # SiLU'(h)
         dw2 += tl.dot(tl.trans(a), ds, out_dtype=ACC, input_precision="ieee")
-        db2 += tl.sum(ds, 0)
-        db1 += tl.sum(dh, 0)
+        db2 += _sum(ds, 0)
+        db1 += _sum(dh, 0)
         x = tl.load(x_ptr + rb[:, None] * sxb + rd[None, :] * sxd, mask=row[:, None] & d_ok[None, :], other=0.0).to(ACC)
         dw1 = tl.dot(tl.trans(x), dh, dw1, input_precision="ieee")
         dx = tl.dot(dh, tl.trans(w1), out_dtype=ACC, input_precision="ieee")

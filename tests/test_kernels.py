@@ -28,7 +28,9 @@ def _load_kernels():
     """The kernel module, its ``@triton.jit`` kernels built for the interpreter unless on a GPU.
     Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. at import (re-import it in
     case another test imported it for the GPU); the variable is set again around each test
-    (``_interpreter``), since Triton also consults it at launch, and is restored after."""
+    (``_interpreter``), since Triton also consults it at launch, and is restored after. Triton
+    itself may have been imported earlier in the session (llm-compressor imports it): the
+    kernels use no @jit helper of triton.language, so that does not matter."""
     if ON_GPU:
         return importlib.import_module(MODULE)
     saved = os.environ.get("TRITON_INTERPRET")
