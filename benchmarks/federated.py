@@ -134,18 +134,18 @@ def write_outputs(args, results: dict, out_dir: Path) -> None:
              f"(server side); test: {args.test_examples} stratified held-out test examples, 512 tokens, at the end"),
              ("- pruning: SparseGPT, calibration "
              f"{args.calib_samples} windows of {args.calib_seq_len} tokens of dolly, seed {args.seed}"), "",
-             "| setting | pruned | " + " | ".join(args.methods) + " | mops vs single |",
+             "| setting | pruned | " + " | ".join(args.methods) + " | mops below single |",
              "| --- | ---: | " + " | ".join("---:" for _ in args.methods) + " | ---: |"]
     for setting, row in results["settings"].items():
         cells = [f"{row[m]['test_ppl']:.2f}" if row.get(m) else "not run" for m in args.methods]
         gap = ""
         if row.get("mops") and row.get("single"):
-            gap = f"{100 * (row['single']['test_ppl'] - row['mops']['test_ppl']) / row['single']['test_ppl']:+.1f}% lower"
+            gap = f"{100 * (row['single']['test_ppl'] - row['mops']['test_ppl']) / row['single']['test_ppl']:+.1f}%"
         done = [r for r in row.values() if r]
         base = f"{done[0]['base_test_ppl']:.2f}" if done else ""
         lines.append(f"| {setting} | {base} | " + " | ".join(cells) + f" | {gap} |")
-    lines += ["", ("Held-out test response perplexity (lower is better); 'mops vs single' is how much lower "
-              "federated MoPs is than the federated single prompt."), "",
+    lines += ["", ("Held-out test response perplexity (lower is better); 'mops below single' is how much lower "
+              "federated MoPs is than the federated single prompt (negative: higher). The target is +20%."), "",
               "Validation perplexity per round (round 0 = the initial global adapter):", "",
               "| setting | method | " + " | ".join(f"r{i}" for i in range(args.rounds + 1)) + " | seconds |",
               "| --- | --- | " + " | ".join("---:" for _ in range(args.rounds + 1)) + " | ---: |"]
