@@ -84,7 +84,11 @@ class MopsLM(HFLM):
                             "(wrap a loaded model with lm-eval's HFLM instead)")
         if adapter is not None and not Path(adapter).is_dir():
             raise UserError(f"adapter {str(adapter)!r}: no such folder; expected a folder written by mops-recover")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm-eval's command line asks for cuda:0 by default; like HFLM, fall back to the CPU.
+            if device is not None:
+                log.warning("mops model: device %s asked for, but no CUDA device is available; using cpu", device)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
         self.prompted = None if adapter is None else load(model, adapter, check_base=_as_bool(check_base))
         self.base_spec, self.adapter_dir = str(pretrained), None if adapter is None else str(adapter)

@@ -14,9 +14,8 @@ import sys
 
 
 def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
-
     import mops.eval.harness  # noqa: F401 - registers the "mops" model
+    from lm_eval.__main__ import cli_evaluate
     from mops.eval.task_files import tasks_dir
 
     if not any(a == "--include_path" or a.startswith("--include_path=") for a in sys.argv[1:]) and len(sys.argv) > 1 \

@@ -22,7 +22,14 @@ from functools import lru_cache
 
 import datasets
 
-from mops.data import data_dir, format_prompt, heldout_records, load_source, read_mmlu_csv, split_records
+from mops.data import (
+    data_dir,
+    format_prompt,
+    heldout_records,
+    load_source,
+    read_mmlu_csv,
+    split_records,
+)
 from mops.errors import UserError
 
 HELDOUT_SOURCES = "dolly+natural-instructions"  # what mops-recover trains on by default

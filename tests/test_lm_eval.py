@@ -12,16 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval
 import pytest
 import torch
 from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
-
-import lm_eval
-from mops.adapter import save_adapter
-from mops.cli_common import run_cli
 from mops.eval import cli, task_data, task_files
 from mops.eval.harness import MopsLM, window
+
+from mops.adapter import save_adapter
+from mops.cli_common import run_cli
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
 from mops.models import load_model
@@ -180,7 +180,7 @@ def test_bad_model_args_are_one_line_errors(tiny_dir, tiny_untied_dir, gated_ada
 
 def test_task_files_are_generated_from_the_data_and_up_to_date():
     assert task_files.main(["--check"]) == 0
-    names = set(task_files.task_manager().all_tasks)
+    names = set(task_files.task_manager(include_defaults=False).all_tasks)
     subjects = task_data.mmlu_subjects()
     assert len(subjects) == 57
     for s in subjects:
@@ -222,10 +222,10 @@ def test_classification_tasks_refuse_a_label_outside_their_label_set():
 
 def test_our_tasks_score_the_same_through_mops_and_hf(tiny_dir):
     tasks = ["mops_wikitext2", "mops_ni_sst2", "mops_response_open_qa", "mops_mmlu_5shot_anatomy"]
-    manager = task_files.task_manager()
+    manager = task_files.task_manager(include_defaults=False)
     out = {}
     for model, args in (("hf", {"pretrained": tiny_dir, "dtype": "float32", "device": "cpu"}), ("mops", {"pretrained": tiny_dir})):
-        out[model] = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=2,
+        out[model] = lm_eval.simple_evaluate(model=model, model_args=args, tasks=tasks, task_manager=manager, limit=1,
                                              batch_size=2, log_samples=False)["results"]
     for t in tasks:
         metrics = {k: v for k, v in out["hf"][t].items() if k.endswith(",none") and isinstance(v, float)}
@@ -239,14 +239,17 @@ def test_our_tasks_score_the_same_through_mops_and_hf(tiny_dir):
 def test_mops_eval_writes_the_comparison_and_lm_evals_files(tiny_dir, empty_adapter, tmp_path):
     out = tmp_path / "eval"
     argv = ["--model", f"bare={tiny_dir}", "--model", f"adapted={tiny_dir},adapter={empty_adapter}",
-            "--tasks", "mops_ni_sst2,mops_response", "--limit", "2", "--out", str(out), "--quiet"]
+            "--tasks", "mops_ni_sst2:2,mops_response", "--limit", "1", "--out", str(out), "--quiet"]
     assert run_cli(cli.main, argv) == 0
     comp = json.loads((out / "comparison.json").read_text())
     assert list(comp["rows"]) == ["bare", "adapted"]
     assert "mops_ni_sst2 acc" in comp["columns"]
     assert len([c for c in comp["columns"] if c.startswith("mops_response_")]) == len(task_data.heldout_categories())
-    for label in ("bare", "adapted"):
-        results = json.loads((out / "lm_eval" / f"{label}.json").read_text())["results"]
+    assert comp["samples"]["mops_ni_sst2"] == 2 and comp["samples"]["mops_response_open_qa"] == 1
+    for label in ("bare", "adapted"):  # one lm-eval results file per distinct limit
+        results = {}
+        for f in sorted((out / "lm_eval").glob(f"{label}.*.json")):
+            results.update(json.loads(f.read_text())["results"])
         for col, value in comp["rows"][label].items():
             task, metric = col.split(" ")
             assert value == results[task][f"{metric},none"]
@@ -277,7 +280,7 @@ def test_mops_eval_bad_input_is_one_line_and_writes_nothing(model, tasks, messag
 def test_mops_eval_console_script_exits_non_zero_with_one_line(tmp_path):
     exe = Path(sys.executable).with_name("mops-eval")
     proc = subprocess.run([str(exe), "--model", "dense=smollm2-135m", "--tasks", "mmlu_nope", "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown task 'mmlu_nope'" in proc.stderr
     assert not (tmp_path / "o").exists()
@@ -294,10 +297,34 @@ def test_embedded_mops_equals_hf_on_our_tasks_and_greedy_generation(embedded_dir
             for i, c in enumerate(CONTEXTS)]
     assert ours.generate_until(gens) == ref.generate_until(gens)
     tasks = ["mops_wikitext2", "mops_mmlu_anatomy", "mops_ni_sst2"]
-    manager = task_files.task_manager()
+    manager = task_files.task_manager(include_defaults=False)
     r_ours = lm_eval.simple_evaluate(model=ours, tasks=tasks, task_manager=manager, limit=2, log_samples=False)["results"]
     r_ref = lm_eval.simple_evaluate(model=ref, tasks=tasks, task_manager=manager, limit=2, log_samples=False)["results"]
     for t in tasks:
         metrics = {k: v for k, v in r_ref[t].items() if k.endswith(",none") and isinstance(v, float)}
         assert {k: r_ours[t][k] for k in metrics} == pytest.approx(metrics, rel=1e-6), t
     assert math.isfinite(r_ours["mops_wikitext2"]["word_perplexity,none"])
+
+
+def test_per_task_limits_and_bad_task_specs():
+    from mops.errors import UserError
+
+    assert cli.parse_tasks("a:2,b,c:0.5", 8) == [("a", 2), ("b", 8), ("c", 0.5)]
+    assert cli.parse_tasks("a", None) == [("a", None)]
+    for bad, message in (("a:x", "NAME:LIMIT"), ("a:0", "positive"), (",", "at least one")):
+        with pytest.raises(UserError, match=message):
+            cli.parse_tasks(bad, None)
+
+
+@pytest.mark.embedded
+def test_lm_evals_own_command_line_runs_the_embedded_default_through_the_shim(tmp_path):
+    """``python -m mops.eval.lm_eval_cli`` is lm-eval's CLI with the model registered and our
+    tasks included (a plain ``lm_eval --model mops`` cannot know the model: no plugin hook);
+    ``pretrained=smollm2-135m`` names the embedded default; lm-eval's default device cuda:0
+    falls back to the CPU here, as it does for ``hf``."""
+    cmd = [sys.executable, "-m", "mops.eval.lm_eval_cli", "--model", "mops", "--model_args", "pretrained=smollm2-135m",
+           "--tasks", "mops_ni_sst2", "--limit", "2", "--output_path", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "mops_ni_sst2" in proc.stdout and "acc" in proc.stdout
+    assert list((tmp_path / "out").rglob("results_*.json"))
