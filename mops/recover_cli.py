@@ -148,10 +148,14 @@ def summary(history: dict, out) -> str:
     if history["train_loss"]:
         lines.append(f"  train loss: {history['train_loss'][0]:.3f} -> {history['train_loss'][-1]:.3f}")
     if "test" in history:
-        t = history["test"]
-        lines.append(f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
-                     f"with adapter {t['adapter']['ppl']:.2f}")
+        lines.append(held_out_line(history["test"]))
     return "\n".join(lines)
+
+
+def held_out_line(t: dict) -> str:
+    """The held-out line both the centralized and the federated summaries end with."""
+    return (f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
+            f"with adapter {t['adapter']['ppl']:.2f}")
 
 
 def entry(argv=None) -> int:

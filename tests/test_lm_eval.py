@@ -326,5 +326,7 @@ def test_lm_evals_own_command_line_runs_the_embedded_default_through_the_shim(tm
            "--tasks", "mops_ni_sst2", "--limit", "2", "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "mops_ni_sst2" in proc.stdout and "acc" in proc.stdout
-    assert list((tmp_path / "out").rglob("results_*.json"))
+    # lm-eval prints the task under its alias, the Natural-Instructions task's own name
+    assert "task363_sst2_polarity_classification" in proc.stdout and "acc" in proc.stdout
+    (results,) = (tmp_path / "out").rglob("results_*.json")
+    assert "acc,none" in json.loads(results.read_text())["results"]["mops_ni_sst2"]

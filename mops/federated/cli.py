@@ -82,7 +82,7 @@ def summary(history: dict, out) -> str:
         if r["missing"]:
             lines.append(f"  round {r['round']}: missing {', '.join(m['client'] for m in r['missing'])}")
     if "test" in history:
-        t = history["test"]
-        lines.append(f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
-                     f"with adapter {t['adapter']['ppl']:.2f}")
+        from mops.recover_cli import held_out_line
+
+        lines.append(held_out_line(history["test"]))
     return "\n".join(lines)
