@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, offline: set up .venv (if needed), prune
 # SmolLM2-135M-Instruct to 2:4 with SparseGPT (dense vs pruned perplexity), then recover
-# it with a Mixture of Prompts (pruned vs recovered held-out response perplexity).
-# About 11 minutes on 2 CPU cores after the install; OUT=folder moves the outputs.
+# it with a Mixture of Prompts (pruned vs recovered held-out response perplexity), and
+# compare dense, pruned and recovered through lm-evaluation-harness (mops-eval).
+# About 14 minutes on 2 CPU cores after the install; OUT=folder moves the outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -16,3 +17,6 @@ out=${OUT:-runs/demo}
     --experts 4 --prompt-len 10 --gate mops --combine interpolate \
     --steps 40 --eval-every 20 --eval-examples 32 --test-examples 160 \
     --out "$out/mops" --force --quiet
+.venv/bin/mops-eval --model dense=smollm2-135m --model pruned="$out/sparsegpt-2of4" \
+    --model recovered="$out/sparsegpt-2of4,adapter=$out/mops" \
+    --tasks mops_ni_mc:8,mops_mmlu:1 --out "$out/eval" --force --quiet
