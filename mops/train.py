@@ -290,8 +290,9 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     optimizer = torch.optim.AdamW(trainable_groups(lm, config, extra_params), weight_decay=0.0)
     history = {"train_loss": [], "validation": [], "gate_pretrain_loss": []}
     step = 0
-    snapshot_examples = [encode_example(tokenizer, r, config.max_len) for r in snapshot_records]
-    snapshot_examples = snapshot_examples if lm.mixture.needs_gate_states else []
+    # only a gate has weights worth a snapshot; uniform and single mixtures skip the encoding too
+    records = snapshot_records if lm.mixture.needs_gate_states else []
+    snapshot_examples = [encode_example(tokenizer, r, config.max_len) for r in records]
 
     def snapshot(label: str, at: int) -> None:
         if snapshot_examples:
