@@ -7,7 +7,7 @@ The forward pass, in the model's own modules:
 2. the gate reads the hidden states entering layer ``g``, pooled over instruction tokens;
 3. the mixture's prompt is prepended to the hidden states entering layer ``l``; the
    prompt takes positions 0..M-1 and the input tokens follow (PEFT's convention); every
-   input token sees every prompt position (plus, in ``attention`` mode, log w_k on its
+   input token sees every prompt position (plus, in ``attention`` mode, log(K w_k) on its
    logits toward expert k); prompt positions see only earlier prompt positions;
 4. layers ``[l, L)`` run on ``[prompt; input]``; prompt positions are dropped before the
    final norm and the head, and the head runs only where logits are needed.

@@ -5,8 +5,11 @@ returns the prompt vectors to prepend at the injection layer, an optional additi
 attention bias toward them, and the gate weights (METHOD.md section 2):
 
 - ``interpolate``: one m x d prompt per input, P(x) = sum_k w_k(x) P_k;
-- ``attention``: all K*m expert vectors, and log w_k(x) added to every input token's
-  attention logits toward expert k's positions.
+- ``attention``: all K*m expert vectors, and log(K w_k(x)) added to every input token's
+  attention logits toward expert k's positions. The factor K makes a uniform gate a
+  no-op (bias 0: exactly one plain prompt of all K*m vectors), so the gate only shifts
+  attention between the groups; with log w_k a uniform gate would cut every prompt's
+  attention to 1/K, which a short recovery run could not train back.
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ class Mixture(nn.Module):
                 prompt = prompt + self.target
             return prompt, None
         groups = P.reshape(K * m, d)
-        bias = torch.log(weights.clamp_min(1e-30)).repeat_interleave(m, dim=1)  # B x K*m
+        bias = torch.log(weights.clamp_min(1e-30) * K).repeat_interleave(m, dim=1)  # B x K*m
         if self.config.gate == "attempt":
             groups = torch.cat([self.target, groups])
             bias = torch.cat([bias.new_zeros(B, m), bias], dim=1)

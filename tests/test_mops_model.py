@@ -68,7 +68,7 @@ def test_l0_single_prompt_equals_peft_prompt_tuning(tiny):
     assert torch.equal(ours_gen, ref_gen)
 
 
-def test_attention_mode_with_zero_bias_equals_one_plain_prompt_of_all_experts(tiny):
+def test_attention_mode_with_a_uniform_gate_equals_one_plain_prompt_of_all_experts(tiny):
     model, _ = tiny
     K, m, d = 3, 4, model.config.hidden_size
     init = torch.randn(K, m, d, generator=torch.Generator().manual_seed(3)) * 0.3
@@ -77,7 +77,7 @@ def test_attention_mode_with_zero_bias_equals_one_plain_prompt_of_all_experts(ti
                      gate_layer=1, inject_layer=1)
     ids, mask = batch(seed=4, pad_row_from=9)
     with torch.no_grad():
-        ours = mixture(ids, mask, gate_weights=torch.ones(2, K)).logits  # every group weighted 1: log 1 = 0
+        ours = mixture(ids, mask, gate_weights=torch.full((2, K), 1 / K)).logits  # log(K * 1/K) = 0
         ref = plain(ids, mask).logits
     torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[1, :9], ref[1, :9], rtol=1e-5, atol=1e-5)
