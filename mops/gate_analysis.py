@@ -34,9 +34,9 @@ def gate_weights(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, ba
     return torch.cat(out)
 
 
-def gate_snapshot(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, label: str, step: int) -> dict:
-    """The average gate weight of each category's examples on each expert."""
-    weights = gate_weights(lm, examples, pad_id)
+def gate_snapshot(examples: list[EncodedExample], weights: torch.Tensor, label: str, step: int) -> dict:
+    """The average gate weight of each category's examples on each expert, from their
+    N x K ``weights`` (:func:`gate_weights`)."""
     rows = defaultdict(list)
     for e, w in zip(examples, weights):
         rows[e.category].append(w)

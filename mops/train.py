@@ -293,11 +293,15 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     # only a gate has weights worth a snapshot; uniform and single mixtures skip the encoding too
     records = snapshot_records if lm.mixture.needs_gate_states else []
     snapshot_examples = [encode_example(tokenizer, r, config.max_len) for r in records]
+    # the gate's input comes from the frozen layers below g: pool it once, not once per snapshot
+    snapshot_pooled = pooled_gate_inputs(lm, snapshot_examples, pad_id) if snapshot_examples else None
 
     def snapshot(label: str, at: int) -> None:
         if snapshot_examples:
-            snap = gate_snapshot(accelerator.unwrap_model(lm), snapshot_examples, pad_id, label, at)
-            history.setdefault("gate_snapshots", []).append(snap)
+            mixture = accelerator.unwrap_model(lm).mixture
+            with torch.no_grad():
+                weights = mixture.gate.from_pooled(snapshot_pooled, mixture.experts()).float().cpu()
+            history.setdefault("gate_snapshots", []).append(gate_snapshot(snapshot_examples, weights, label, at))
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     if resume:

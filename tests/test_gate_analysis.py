@@ -25,7 +25,7 @@ def test_a_snapshot_averages_the_gates_own_weights_per_category(tiny_dir, splits
     lm = PromptedLM(model, Mixture(MixtureConfig(3, 2, "mops", gate_layer=1, inject_layer=1).resolved(2), 64))
     records = splits["validation"]
     examples = [encode_example(tok, r, 96) for r in records]
-    snap = gate_snapshot(lm, examples, tok.pad_token_id, "before training", 0)
+    snap = gate_snapshot(examples, gate_weights(lm, examples, tok.pad_token_id), "before training", 0)
     # independently: the gate on the pooled instruction states, one example at a time
     expected = {}
     for e in examples:
@@ -39,16 +39,21 @@ def test_a_snapshot_averages_the_gates_own_weights_per_category(tiny_dir, splits
     assert gate_weights(lm, examples, tok.pad_token_id).shape == (len(examples), 3)
 
 
-def test_training_takes_the_four_snapshots_and_the_files_hold_the_same_numbers(tmp_path, tiny_dir, splits):
+@pytest.mark.parametrize("gate", ["mops", "attempt"])
+def test_training_takes_the_four_snapshots_and_the_files_hold_the_same_numbers(tmp_path, tiny_dir, splits, gate):
     model, tok = load_model(tiny_dir)
     config = TrainConfig(steps=4, batch_size=2, eval_every=4, eval_examples=4, gate_pretrain_steps=5,
                          gate_pretrain_examples=32, max_len=96)
-    _, history = recover(model, tok, splits, MixtureConfig(2, 2, "mops", gate_layer=1), config, progress=False,
-                         snapshot_records=splits["test"])
+    lm, history = recover(model, tok, splits, MixtureConfig(2, 2, gate, gate_layer=1), config, progress=False,
+                          snapshot_records=splits["test"])
     snaps = history["gate_snapshots"]
     assert [(s["label"], s["step"]) for s in snaps] == [
         ("before training", 0), ("after gate pretraining", 0), ("midway", 2), ("end of training", 4)]
     assert snaps[0]["weights"] != snaps[1]["weights"]  # pretraining moved the gate
+    # the last snapshot is the trained gate's own weights, recomputed from scratch
+    examples = [encode_example(tok, r, 96) for r in splits["test"]]
+    final = gate_snapshot(examples, gate_weights(lm, examples, tok.pad_token_id), "end of training", 4)
+    assert torch.allclose(torch.tensor(final["weights"]), torch.tensor(snaps[-1]["weights"]), atol=1e-5)
     save_gate_analysis(tmp_path, snaps)
     assert json.loads((tmp_path / SNAPSHOTS_JSON).read_text()) == snaps
     assert (tmp_path / HEATMAP_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
