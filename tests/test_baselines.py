@@ -72,7 +72,7 @@ def test_lora_trains_its_tensors_only_and_the_sparse_base_stays_as_it_was(tiny_d
 def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny_dir):
     argv = [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
             "--settings", "2:4", "--methods", "none", "prompt", "mops", "--limit-per-source", "40", "--steps", "2",
-            "--batch-size", "2", "--max-len", "96", "--test-examples", "16", "--eval-examples", "4",
+            "--batch-size", "2", "--max-len", "96", "--test-examples", "16", "--gate-pretrain-examples", "16",
             "--gate-pretrain-steps", "3", "--prune-method", "magnitude", "--work-dir", str(tmp_path / "work"),
             "--out-dir", str(tmp_path / "out")]
     first = subprocess.run(argv, capture_output=True, text=True)
