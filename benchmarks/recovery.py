@@ -49,6 +49,7 @@ from mops.prune.core import prune_to_folder
 from mops.train import TrainConfig, recover
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MOPS = ("mops", "mops-attention")  # the two combine modes of the method under study
 # The aggressive settings first: they are where the target is measured.
 DEFAULT_SETTINGS = ("3:4", "7:8", "0.75", "0.85", "0.90", "2:4", "4:8")
 assert sorted(DEFAULT_SETTINGS) == sorted(MISSION_SETTINGS)
@@ -180,6 +181,8 @@ def main(argv=None) -> None:
             pruned_ppl = cell["ppl"] if method == "none" else results["cells"][f"{setting}/none"]["ppl"]
             cell["recovered"] = recovered_share(dense_ppl, pruned_ppl, cell["ppl"])
             save(key, cell)
+    with results_lock(out_json):  # redrawn from the file as it stands, with every run's cells
+        render(json.loads(out_json.read_text()), out_json)
 
 
 def train_cell(method, model, tok, splits, test, budget: Budget, args, score) -> dict:
@@ -246,23 +249,21 @@ def markdown(results: dict, stem: str) -> str:
         f"(train split, {p['max_len']} tokens), seed {p['seed']}; K = {p['experts']}, m = {p['prompt_len']}, "
         f"g/l = {p['gate_layer'] or 'round(0.3 L)'}/{p['inject_layer'] or 'g'}, gate r = {p['gate_hidden']}, "
         f"lr {p['lr']} (prompts) / {p['gate_lr']} (gate) / {p['lora_lr']} (LoRA r = {p['lora_rank']}), "
-        f"{p['gate_pretrain_steps']} gate-pretraining steps. Score: response-only perplexity of "
+        f"{p['gate_pretrain_steps']} gate-pretraining steps on {p['gate_pretrain_examples']} examples. Score: response-only perplexity of "
         f"{p['test_examples']} stratified held-out {p['score_split']} examples ({p['test_max_len']} tokens); dense model: "
         f"**{dense:.2f}**. Recovered = (log ppl_pruned - log ppl) / (log ppl_pruned - log ppl_dense).",
         "",
         "## Held-out perplexity",
         "",
-        "| setting | " + " | ".join(methods) + " | mops vs best same-budget |",
-        "| --- | " + " | ".join("---:" for _ in methods) + " | ---: |",
+        "| setting | " + " | ".join(methods) + "".join(f" | {m} vs best same-budget" for m in MOPS) + " |",
+        "| --- | " + " | ".join("---:" for _ in methods) + " | ---:" * len(MOPS) + " |",
     ]
     for s in settings:
         row = [f"{cells[f'{s}/{m}']['ppl']:.2f}" if f"{s}/{m}" in cells else "" for m in methods]
         base = [cells[f"{s}/{m}"]["ppl"] for m in SAME_BUDGET if f"{s}/{m}" in cells]
-        versus = ""
-        if base and f"{s}/mops" in cells:
-            best = min(base)
-            versus = f"{100 * (cells[f'{s}/mops']['ppl'] / best - 1):+.1f}%"
-        lines.append(f"| {s} | " + " | ".join(row) + f" | {versus} |")
+        for m in MOPS:  # the target: at least 10% below the best of prompt-equal, uniform and attempt
+            row.append(f"{100 * (cells[f'{s}/{m}']['ppl'] / min(base) - 1):+.1f}%" if base and f"{s}/{m}" in cells else "")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
     lines += ["", "## Every cell", "",
               "| setting | method | ppl | recovered | trainable params | train s | cell s |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
