@@ -139,10 +139,13 @@ def main(argv=None) -> None:
     def score(model, tok):
         return response_perplexity(model, tok, test, progress=False)
 
+    def merge_other_runs() -> None:  # another run (other settings) may share the file: take its cells in
+        if out_json.is_file():
+            results["cells"] = json.loads(out_json.read_text())["cells"] | results["cells"]
+
     def save(key: str, cell: dict) -> None:
-        with results_lock(out_json):  # another run (other settings) may share the file: merge its cells in
-            if out_json.is_file():
-                results["cells"] = json.loads(out_json.read_text())["cells"] | results["cells"]
+        with results_lock(out_json):
+            merge_other_runs()
             results["cells"][key] = cell
             write_json_atomic(out_json, results)
             render(results, out_json)
@@ -168,6 +171,8 @@ def main(argv=None) -> None:
         sparsity = json.loads((pruned_dir / "sparsity_report.json").read_text())["overall_sparsity"]
         for method in ["none"] + [m for m in todo if m != "none"]:  # the pruned score comes first: shares need it
             key = f"{setting}/{method}"
+            with results_lock(out_json):
+                merge_other_runs()
             if key in results["cells"]:
                 continue
             started = time.perf_counter()
@@ -233,7 +238,16 @@ def _settings_and_methods(cells: dict):
             settings += [cell["setting"]] if cell["setting"] not in settings else []
             methods += [cell["method"]] if cell["method"] not in methods else []
     methods.sort(key=lambda m: METHODS.index(m))
+    settings.sort(key=sparsity_order)
     return settings, methods
+
+
+def sparsity_order(setting: str) -> tuple[float, bool]:
+    """Settings from the mildest to the most aggressive: 2:4, 4:8, 0.75, 3:4, 0.85, 7:8, 0.90."""
+    if ":" in setting:
+        n, m = setting.split(":")
+        return int(n) / int(m), True
+    return float(setting), False
 
 
 def markdown(results: dict, stem: str) -> str:

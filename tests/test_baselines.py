@@ -87,3 +87,20 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "was made with other settings" in other.stderr
+
+
+def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
+    def argv(setting):
+        return [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
+                "--settings", setting, "--methods", "none", "prompt", "--limit-per-source", "40", "--steps", "2",
+                "--batch-size", "2", "--max-len", "96", "--test-examples", "16", "--prune-method", "magnitude",
+                "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
+
+    runs = [subprocess.Popen(argv(s), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in ("2:4", "4:8")]
+    for run in runs:
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+    results = json.loads((tmp_path / "out" / "recovery_t.json").read_text())
+    assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt", "4:8/none", "4:8/prompt"}
+    table = (tmp_path / "out" / "recovery_t.md").read_text()
+    assert "| 2:4 |" in table and "| 4:8 |" in table  # the last run redrew the outputs with both runs' cells
