@@ -118,7 +118,9 @@ def recovered_share(dense: float, pruned: float, method: float) -> float:
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(quiet=True)
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UserError(f"--threads {args.threads}: expected a positive whole number")
         torch.set_num_threads(args.threads)
     for m in args.methods:
         if m not in METHODS:

@@ -104,3 +104,11 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
     assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt", "4:8/none", "4:8/prompt"}
     table = (tmp_path / "out" / "recovery_t.md").read_text()
     assert "| 2:4 |" in table and "| 4:8 |" in table  # the last run redrew the outputs with both runs' cells
+
+
+@pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"]])
+def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert flag[-1] in run.stderr and not any(tmp_path.iterdir())
