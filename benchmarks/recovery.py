@@ -16,7 +16,7 @@ can be completed over several runs.
         --steps 500 --batch-size 8 --max-len 512 --test-examples 500 --calib-samples 128 --seq-len 2048
 
 The default budget is sized for a 2-core CPU (about 90 minutes for the whole grid as two
-one-thread runs; they share the 2 cores about 15% better than one two-thread run). The defaults
+one-thread runs, see the README). The defaults
 (lr 0.3, gate lr 3e-4, K = 4, m = 10, l = g) were chosen on the validation split
 (``--score-split validation``); the README lists what was tried.
 """
