@@ -1,24 +1,28 @@
-"""The recovery study: every method of ``mops.baselines`` at every pruning setting.
+"""The recovery study: every method of ``mops.baselines`` at every pruning setting, with intervals.
 
 For each setting the dense model is pruned once (SparseGPT by default; the checkpoint is
 cached under ``--work-dir``), then every method trains on it with the same data, steps,
-batch and seed, and is scored on the same held-out test examples. Each finished cell is
-saved at once to ``benchmarks/results/recovery_<name>.json`` (with the Markdown table, the
-chart and the gate heatmaps redrawn from it), so a rerun skips finished cells and a grid
-can be completed over several runs.
+batch and seed, once per ``--seeds`` entry, and is scored on the same held-out examples
+(the whole split by default). The split and the pruning use ``--split-seed``, so the
+seeds differ only in training (initialisation, batch order, router noise). Each finished
+cell is saved at once to ``benchmarks/results/recovery_<name>.json`` (with the Markdown
+table, the chart and the gate heatmaps redrawn from it), so a rerun skips finished cells
+and a grid can be completed over several runs, several at a time.
 
-    python benchmarks/recovery.py                                  # the committed CPU grid
-    python benchmarks/recovery.py --settings 3:4 --methods prompt mops
-    python benchmarks/recovery.py --settings 3:4 --methods none    # the dense and pruned cells, then
-    python benchmarks/recovery.py --threads 1 --settings 3:4 0.75 0.90 2:4 &   # two runs, one core each,
-    python benchmarks/recovery.py --threads 1 --settings 7:8 0.85 4:8          # share one results file
+Every "MoPs vs a baseline" figure is ``ppl_mops / ppl_baseline - 1`` with a paired
+bootstrap 95% interval over the test examples (``mops.eval.bootstrap``); with several
+seeds, each example's NLL is first averaged over them.
+
+    python benchmarks/recovery.py                                  # the committed CPU table
+    python benchmarks/recovery.py --settings 3:4 --methods prompt-equal mops
+    python benchmarks/recovery.py --name tune --score-split validation --seeds 0 --settings 3:4 \\
+        --methods prompt-equal prompt-equal:lr=1.0 mops mops:top_k=1,router_noise=1.0    # choices, on validation
     python benchmarks/recovery.py --model path/to/Llama-2-7b-hf --name llama2-7b --device cuda \\
-        --steps 500 --batch-size 8 --max-len 512 --test-examples 500 --calib-samples 128 --seq-len 2048
+        --steps 1000 --batch-size 8 --max-len 512 --calib-samples 128 --seq-len 2048
 
-The default budget is sized for a 2-core CPU (about 90 minutes for the whole grid as two
-one-thread runs, see the README). The defaults
-(lr 0.3, gate lr 3e-4, K = 4, m = 10, l = g) were chosen on the validation split
-(``--score-split validation``); the README lists what was tried.
+Methods are ``NAME[:key=value,...]`` (see ``mops.baselines``). The MoPs configuration and
+its learning rates are ``mops-recover``'s defaults, chosen on the validation split (the
+README lists what was tried); ``--experts``, ``--prompt-len`` and the layers set the budget.
 """
 
 from __future__ import annotations
@@ -28,19 +32,24 @@ import contextlib
 import fcntl
 import json
 import math
+import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
-from mops.baselines import METHODS, SAME_BUDGET, Budget, prepare, trainable_count
+from mops.baselines import METHODS, SAME_BUDGET, Budget, parse_method, prepare, trainable_count
 from mops.cli_common import run_cli, setup_logging
-from mops.data import load_records, split_records, stratified_subset
+from mops.data import format_prompt, load_records, split_records, stratified_subset
 from mops.errors import UserError
+from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, verdict
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.gate_analysis import draw_heatmaps
+from mops.injection import PromptedLM
+from mops.lower_cache import LowerStates
+from mops.mixture import Mixture, MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
 from mops.outputs import library_versions, write_json_atomic
 from mops.prune import PruneConfig
@@ -49,42 +58,48 @@ from mops.prune.core import prune_to_folder
 from mops.train import TrainConfig, recover
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MOPS = ("mops", "mops-attention")  # the two combine modes of the method under study
-# The aggressive settings first: they are where the target is measured.
-DEFAULT_SETTINGS = ("3:4", "7:8", "0.75", "0.85", "0.90", "2:4", "4:8")
-assert sorted(DEFAULT_SETTINGS) == sorted(MISSION_SETTINGS)
+# The table's settings, the aggressive ones first: they are where the target is measured.
+DEFAULT_SETTINGS = ("3:4", "2:4", "0.85", "7:8")
+DEFAULT_METHODS = ("none", "prompt", "prompt-equal", "uniform", "attempt", "lora", "lora-equal", "mops")
+PREFILL_EXAMPLES = 64
 
 
 def parse_args(argv):
+    m, t = MixtureConfig(), TrainConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--name", default="embedded", help="results stem: recovery_<name>.* (default: embedded)")
-    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), help="sparsities (0.75) or N:M patterns")
-    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS),
+                   help=f"sparsities (0.75) or N:M patterns (default: {' '.join(DEFAULT_SETTINGS)}; the mission's "
+                        f"seven are {' '.join(MISSION_SETTINGS)})")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="NAME[:key=value,...]")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default: 0 1)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the data split and the pruning calibration")
     p.add_argument("--prune-method", default="sparsegpt")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length (default: 256, for a CPU)")
     p.add_argument("--data", nargs="+", default=["dolly", "natural-instructions"])
     p.add_argument("--limit-per-source", type=int, default=None)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--prompt-len", type=int, default=10)
+    p.add_argument("--experts", type=int, default=m.n_experts)
+    p.add_argument("--prompt-len", type=int, default=m.prompt_len)
     p.add_argument("--gate-layer", type=int, default=None)
     p.add_argument("--inject-layer", type=int, default=None)
-    p.add_argument("--gate-hidden", type=int, default=128)
+    p.add_argument("--gate-hidden", type=int, default=m.gate_hidden, help="the MoPs gate's width, part of the budget "
+                   f"(0: a linear router) (default: {m.gate_hidden})")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=256, help="training tokens per example")
-    p.add_argument("--lr", type=float, default=0.3, help="prompts' learning rate")
-    p.add_argument("--gate-lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=t.lr, help=f"prompts' learning rate (default: {t.lr})")
+    p.add_argument("--gate-lr", type=float, default=t.gate_lr, help=f"the gate's (default: {t.gate_lr})")
     p.add_argument("--lora-lr", type=float, default=2e-3)
-    p.add_argument("--gate-pretrain-steps", type=int, default=50)
+    p.add_argument("--gate-pretrain-steps", type=int, default=t.gate_pretrain_steps)
     p.add_argument("--gate-pretrain-examples", type=int, default=256,
-                   help="train examples the gate is pretrained on (one partial forward each)")
-    p.add_argument("--test-examples", type=int, default=64, help="held-out examples scored, stratified")
+                   help="train examples the gate is pretrained on (default: 256)")
+    p.add_argument("--test-examples", type=int, default=None,
+                   help="held-out examples scored, stratified (default: the whole split)")
     p.add_argument("--score-split", default="test", choices=("test", "validation"),
                    help="the held-out split scored: tune on validation, report on test (default: test)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
     p.add_argument("--work-dir", default="runs/recovery", help="where pruned checkpoints are cached")
@@ -94,16 +109,23 @@ def parse_args(argv):
 
 def protocol(args) -> dict:
     """Everything that fixes a cell's number: a results file only grows under the same values."""
-    keys = ("model", "prune_method", "calib_samples", "seq_len", "data", "limit_per_source", "experts", "prompt_len",
-            "gate_layer", "inject_layer", "gate_hidden", "lora_rank", "steps", "batch_size", "max_len", "lr",
-            "gate_lr", "lora_lr", "gate_pretrain_steps", "gate_pretrain_examples", "test_examples", "score_split", "seed")
-    return {k: getattr(args, k) for k in keys} | {"test_max_len": RESPONSE_MAX_LEN}
+    keys = ("model", "prune_method", "calib_samples", "seq_len", "data", "limit_per_source", "split_seed", "experts",
+            "prompt_len", "gate_layer", "inject_layer", "gate_hidden", "lora_rank", "steps", "batch_size", "max_len", "lr", "gate_lr",
+            "lora_lr", "gate_pretrain_steps", "gate_pretrain_examples", "test_examples", "score_split")
+    # the defaults of the MoPs configuration are part of what "mops" means
+    return {k: getattr(args, k) for k in keys} | {"test_max_len": RESPONSE_MAX_LEN, "mops": asdict(MixtureConfig()),
+                                                 "training": _training_defaults()}
+
+
+def _training_defaults() -> dict:
+    t = asdict(TrainConfig())
+    return {k: t[k] for k in ("warm_steps", "balance", "gate_pretrain_lr")}
 
 
 @contextlib.contextmanager
 def results_lock(out_json: Path):
     """Held while a run reads, merges and rewrites the results file, so that runs on other
-    settings (``--threads 1`` each: two of them use 2 cores better than one) can share it."""
+    settings or methods can share it."""
     out_json.parent.mkdir(parents=True, exist_ok=True)
     with open(out_json.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -122,26 +144,26 @@ def main(argv=None) -> None:
         if args.threads < 1:
             raise UserError(f"--threads {args.threads}: expected a positive whole number")
         torch.set_num_threads(args.threads)
-    for m in args.methods:
-        if m not in METHODS:
-            raise UserError(f"--methods {m!r}: expected some of {', '.join(METHODS)}")
+    specs = [parse_method(m) for m in args.methods]
+    if args.test_examples is not None and args.test_examples < 1:
+        raise UserError(f"--test-examples {args.test_examples}: expected a positive whole number")
     prune_configs = {s: PruneConfig(method=args.prune_method, calib_samples=args.calib_samples, seq_len=args.seq_len,
-                                    seed=args.seed, **({"pattern": s} if ":" in s else {"sparsity": float(s)}))
+                                    seed=args.split_seed, **({"pattern": s} if ":" in s else {"sparsity": float(s)}))
                      for s in args.settings}
-    budget = Budget(args.experts, args.prompt_len, args.gate_layer, args.inject_layer, args.gate_hidden, args.lora_rank)
+    mops = MixtureConfig(n_experts=args.experts, prompt_len=args.prompt_len, gate_layer=args.gate_layer,
+                         inject_layer=args.inject_layer, gate_hidden=args.gate_hidden)
+    budget = Budget(mops, args.lora_rank)
     out_json = Path(args.out_dir) / f"recovery_{args.name}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
     if results.get("protocol", protocol(args)) != protocol(args):
         raise UserError(f"{out_json} was made with other settings; use --name for a new study or delete it")
     results.update(protocol=protocol(args), versions=library_versions())
 
-    splits = split_records(load_records(args.data, args.limit_per_source, args.seed), args.seed)
-    test = stratified_subset(splits[args.score_split], args.test_examples, args.seed)
+    splits = split_records(load_records(args.data, args.limit_per_source, args.split_seed), args.split_seed)
+    held = splits[args.score_split]
+    test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
 
-    def score(model, tok):
-        return response_perplexity(model, tok, test, progress=False)
-
-    def merge_other_runs() -> None:  # another run (other settings) may share the file: take its cells in
+    def merge_other_runs() -> None:  # another run may share the file: take its cells in
         if out_json.is_file():
             results["cells"] = json.loads(out_json.read_text())["cells"] | results["cells"]
 
@@ -151,86 +173,131 @@ def main(argv=None) -> None:
             results["cells"][key] = cell
             write_json_atomic(out_json, results)
             render(results, out_json)
-        print(f"{key:>22}  ppl {cell['ppl']:8.2f}  recovered {cell.get('recovered', float('nan')):6.3f}  "
-              f"params {cell['trainable_params']:>9,}  {cell['seconds']:6.0f}s", flush=True)
+        print(f"{key:>40}  ppl {cell['ppl']:9.2f}  params {cell['trainable_params']:>9,}  {cell['seconds']:6.0f}s",
+              flush=True)
 
     if "dense" not in results["cells"]:
         started = time.perf_counter()
         model, tok = load_model(args.model, device=args.device)
-        save("dense", {"setting": "dense", "method": "dense", **cell_scores(score(model, tok)),
+        save("dense", {"setting": "dense", "method": "dense", **cell_scores(response_perplexity(model, tok, test, progress=False)),
                        "trainable_params": 0, "seconds": time.perf_counter() - started})
-    dense_ppl = results["cells"]["dense"]["ppl"]
     for setting, prune_config in prune_configs.items():
-        todo = [m for m in args.methods if f"{setting}/{m}" not in results["cells"]]
+        todo = [(s, seed) for s in specs for seed in ([None] if s.name == "none" else args.seeds)
+                if cell_key(setting, s.spec, seed) not in results["cells"]]
         if not todo:
             continue
         pruned_dir = Path(args.work_dir) / (f"{Path(args.model).name}-{args.prune_method}-"
                                             f"{prune_config.setting.replace(':', 'of')}-calib{args.calib_samples}x"
-                                            f"{args.seq_len}-seed{args.seed}")
+                                            f"{args.seq_len}-seed{args.split_seed}")
         if not (pruned_dir / "sparsity_report.json").is_file():
             model, tok = load_model(args.model, device=args.device)
             prune_to_folder(model, tok, prune_config, pruned_dir, model_name=args.model, force=True, quiet=True)
         sparsity = json.loads((pruned_dir / "sparsity_report.json").read_text())["overall_sparsity"]
-        for method in ["none"] + [m for m in todo if m != "none"]:  # the pruned score comes first: shares need it
-            key = f"{setting}/{method}"
+        lower = LowerStates()  # one store per pruned model: its methods share the frozen layers below l
+        if cell_key(setting, "none", None) not in results["cells"]:
+            todo.insert(0, (parse_method("none"), None))
+        for spec, seed in todo:
+            key = cell_key(setting, spec.spec, seed)
             with results_lock(out_json):
                 merge_other_runs()
             if key in results["cells"]:
                 continue
             started = time.perf_counter()
             model, tok = load_model(pruned_dir, device=args.device)
-            cell = {"setting": setting, "method": method, "sparsity": sparsity}
-            if method == "none":
-                cell.update(cell_scores(score(model, tok)), trainable_params=0)
+            cell = {"setting": setting, "method": spec.spec, "seed": seed, "sparsity": sparsity}
+            if spec.name == "none":
+                cell.update(cell_scores(response_perplexity(model, tok, test, progress=False)), trainable_params=0,
+                            positions_added=0, prefill_tokens_per_s=prefill_rate(empty_prompted(model), tok, test))
             else:
-                cell.update(train_cell(method, model, tok, splits, test, budget, args, score))
+                cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower))
             cell["seconds"] = time.perf_counter() - started
-            pruned_ppl = cell["ppl"] if method == "none" else results["cells"][f"{setting}/none"]["ppl"]
-            cell["recovered"] = recovered_share(dense_ppl, pruned_ppl, cell["ppl"])
             save(key, cell)
     with results_lock(out_json):  # redrawn from the file as it stands, with every run's cells
         render(json.loads(out_json.read_text()), out_json)
 
 
-def train_cell(method, model, tok, splits, test, budget: Budget, args, score) -> dict:
-    mixture, extra = prepare(method, model, budget)
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lora_lr if method == "lora" else args.lr,
+def cell_key(setting: str, spec: str, seed: int | None) -> str:
+    return f"{setting}/{spec}" + ("" if seed is None else f"/seed{seed}")
+
+
+def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates) -> dict:
+    mixture, extra, about = prepare(spec, model, budget)
+    lora = spec.name in ("lora", "lora-equal")
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lora_lr if lora else args.lr,
                          gate_lr=args.gate_lr, gate_pretrain_steps=args.gate_pretrain_steps,
                          gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len,
-                         eval_every=args.steps, checkpoint_every=args.steps, seed=args.seed)
+                         eval_every=args.steps, checkpoint_every=args.steps, seed=seed)
+    config = replace(config, **spec.training)
     started = time.perf_counter()
     # only the train split goes in: the study scores its own held-out set, so the trainer's
-    # validation passes (two per cell) would be time spent on numbers nobody reads
+    # validation passes would be time spent on numbers nobody reads
     lm, history = recover(model, tok, {"train": splits["train"]}, mixture, config, progress=False,
-                          device=args.device, snapshot_records=test, extra_params=extra)
+                          device=args.device, snapshot_records=test, extra_params=extra, lower=lower)
     train_seconds = time.perf_counter() - started
     return {
-        **cell_scores(score(lm, tok)),
+        **cell_scores(response_perplexity(lm, tok, test, progress=False, lower=lower)),
         "trainable_params": trainable_count(lm, extra),
         "train_seconds": train_seconds,
         "mixture": asdict(lm.mixture.config),
+        "training": asdict(config),
+        **about,
+        "positions_added": positions_added(lm.mixture),
+        "prefill_tokens_per_s": prefill_rate(lm, tok, test),
         "train_loss": history["train_loss"],
         "gate_snapshots": history.get("gate_snapshots"),
     }
 
 
 def cell_scores(result: dict) -> dict:
-    return {"ppl": result["ppl"], "per_category": result["per_category"], "test_tokens": result["tokens"]}
+    return {"ppl": result["ppl"], "per_category": result["per_category"], "test_tokens": result["tokens"],
+            "test_examples": result["examples"], "per_example": result["per_example"]}
+
+
+def positions_added(mixture: Mixture) -> int:
+    """Prompt positions prepended to every request (0 for LoRA)."""
+    prompt, _ = mixture(torch.full((1, mixture.config.n_experts), 1 / mixture.config.n_experts))
+    return prompt.shape[1]
+
+
+def empty_prompted(model) -> PromptedLM:
+    return PromptedLM(model, Mixture(MixtureConfig(1, 0, "uniform", gate_layer=0, inject_layer=0).resolved(
+        model.config.num_hidden_layers), model.config.hidden_size))
+
+
+@torch.no_grad()
+def prefill_rate(lm: PromptedLM, tok, records, batch_size: int = 8) -> float:
+    """Instruction tokens per second through the whole model (gate, prompt, every layer; no
+    head), in padded batches of similar length: the prefill a server pays per request."""
+    prompts = sorted((format_prompt(r) for r in records[:PREFILL_EXAMPLES]), key=len)
+    tokens, seconds = 0, 0.0
+    for start in range(0, len(prompts), batch_size):
+        enc = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(lm.base.device)
+        began = time.perf_counter()
+        keys = enc["attention_mask"].bool()
+        hidden, gate_states, positions = lm.lower(enc["input_ids"], enc["attention_mask"])
+        _, prompt, bias = lm.mix(gate_states, keys, len(keys))
+        lm.upper(hidden, keys, positions, prompt, bias)
+        seconds += time.perf_counter() - began
+        tokens += int(keys.sum())
+    return tokens / seconds
 
 
 # ----------------------------------------------------------------------------- outputs
 
 
-def render(results: dict, out_json: Path) -> None:
-    out_json.with_suffix(".md").write_text(markdown(results, out_json.stem))
-    draw_chart(results, out_json.with_suffix(".png"))
-    gates = out_json.parent / f"{out_json.stem}_gates"
-    for key, cell in results["cells"].items():
-        if cell.get("gate_snapshots"):
-            gates.mkdir(exist_ok=True)
-            stem = key.replace("/", "_").replace(":", "of")  # 3:4/mops -> 3of4_mops
-            (gates / f"{stem}.json").write_text(json.dumps(cell["gate_snapshots"], indent=2) + "\n")
-            draw_heatmaps(cell["gate_snapshots"], gates / f"{stem}.png", title=f"{cell['method']} at {cell['setting']}")
+def seed_runs(cells: dict, setting: str, spec: str) -> list[dict]:
+    """The cells of one method at one setting, one per seed (``none`` has one, unseeded)."""
+    prefix = f"{setting}/{spec}"
+    return [c for k, c in sorted(cells.items()) if k == prefix or re.fullmatch(re.escape(prefix) + r"/seed\d+", k)]
+
+
+def summary(cells: dict, setting: str, spec: str) -> dict | None:
+    runs = seed_runs(cells, setting, spec)
+    if not runs:
+        return None
+    per_example = mean_over_seeds([r["per_example"] for r in runs])
+    return {"ppl": perplexity(per_example), "per_example": per_example, "seeds": [r.get("seed") for r in runs],
+            "params": runs[0]["trainable_params"], "runs": runs}
 
 
 def _settings_and_methods(cells: dict):
@@ -239,7 +306,7 @@ def _settings_and_methods(cells: dict):
         if cell["setting"] != "dense":
             settings += [cell["setting"]] if cell["setting"] not in settings else []
             methods += [cell["method"]] if cell["method"] not in methods else []
-    methods.sort(key=lambda m: METHODS.index(m))
+    methods.sort(key=lambda m: (METHODS.index(parse_method(m).name), m))
     settings.sort(key=sparsity_order)
     return settings, methods
 
@@ -252,58 +319,121 @@ def sparsity_order(setting: str) -> tuple[float, bool]:
     return float(setting), False
 
 
+def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
+    """Every MoPs spec against the best spec (lowest perplexity) of each baseline kind."""
+    out = []
+    for spec in (m for m in methods if parse_method(m).name == "mops"):
+        ours = summary(cells, setting, spec)
+        if ours is None:
+            continue
+        for kind in ("prompt", *SAME_BUDGET):
+            candidates = {m: summary(cells, setting, m) for m in methods if parse_method(m).name == kind}
+            candidates = {m: c for m, c in candidates.items() if c}
+            if not candidates:
+                continue
+            spec_of_best = min(candidates, key=lambda m: candidates[m]["ppl"])
+            best = candidates[spec_of_best] | {"spec": spec_of_best}
+            if best["per_example"]["tokens"] != ours["per_example"]["tokens"]:
+                continue
+            result = paired_bootstrap(ours["per_example"], best["per_example"])
+            out.append({"mops": spec, "baseline": best["spec"], "kind": kind, **result, "verdict": verdict(result)})
+    return out
+
+
 def markdown(results: dict, stem: str) -> str:
     p, cells = results["protocol"], results["cells"]
     settings, methods = _settings_and_methods(cells)
-    dense = cells.get("dense", {}).get("ppl", float("nan"))
+    dense = cells.get("dense")
+    dense_ppl = dense["ppl"] if dense else float("nan")
+    seeds = sorted({c["seed"] for c in cells.values() if c.get("seed") is not None})
     lines = [
         f"# Recovery study on {p['model']}",
         "",
         f"Made by `python benchmarks/recovery.py` (rerun it to reproduce; finished cells are kept). "
         f"Pruning: {p['prune_method']}, calibrated on {p['calib_samples']} x {p['seq_len']} Dolly tokens. "
         f"Training (every method alike): {p['steps']} steps x {p['batch_size']} examples of {'+'.join(p['data'])} "
-        f"(train split, {p['max_len']} tokens), seed {p['seed']}; K = {p['experts']}, m = {p['prompt_len']}, "
-        f"g/l = {p['gate_layer'] or 'round(0.3 L)'}/{p['inject_layer'] or 'g'}, gate r = {p['gate_hidden']}, "
-        f"lr {p['lr']} (prompts) / {p['gate_lr']} (gate) / {p['lora_lr']} (LoRA r = {p['lora_rank']}), "
-        f"{p['gate_pretrain_steps']} gate-pretraining steps on {p['gate_pretrain_examples']} examples. Score: response-only perplexity of "
-        f"{p['test_examples']} stratified held-out {p['score_split']} examples ({p['test_max_len']} tokens); dense model: "
-        f"**{dense:.2f}**. Recovered = (log ppl_pruned - log ppl) / (log ppl_pruned - log ppl_dense).",
+        f"(train split, {p['max_len']} tokens), seeds {', '.join(map(str, seeds))}; budget K = {p['experts']}, "
+        f"m = {p['prompt_len']}, gate width {p['gate_hidden']}; lr {p['lr']} (prompts) / {p['gate_lr']} (gate) / {p['lora_lr']} (LoRA), "
+        f"{p['gate_pretrain_steps']} gate-pretraining steps on {p['gate_pretrain_examples']} examples; the MoPs "
+        f"configuration: {_config_text(p['mops'])}. Score: response-only perplexity of "
+        f"{(dense or {}).get('test_examples', '?')} held-out {p['score_split']} examples "
+        f"({(dense or {}).get('test_tokens', '?')} response tokens, {p['test_max_len']} tokens per example), "
+        f"token-weighted; with several seeds, of each example's NLL averaged over them. Dense model: "
+        f"**{dense_ppl:.2f}**. Recovered = (log ppl_pruned - log ppl) / (log ppl_pruned - log ppl_dense).",
         "",
-        "## Held-out perplexity",
+        "## Held-out perplexity (recovered share)",
         "",
-        "| setting | " + " | ".join(methods) + "".join(f" | {m} vs best same-budget" for m in MOPS) + " |",
-        "| --- | " + " | ".join("---:" for _ in methods) + " | ---:" * len(MOPS) + " |",
+        "| setting | " + " | ".join(methods) + " |",
+        "| --- | " + " | ".join("---:" for _ in methods) + " |",
     ]
     for s in settings:
-        row = [f"{cells[f'{s}/{m}']['ppl']:.2f}" if f"{s}/{m}" in cells else "" for m in methods]
-        base = [cells[f"{s}/{m}"]["ppl"] for m in SAME_BUDGET if f"{s}/{m}" in cells]
-        for m in MOPS:  # the target: at least 10% below the best of prompt-equal, uniform and attempt
-            row.append(f"{100 * (cells[f'{s}/{m}']['ppl'] / min(base) - 1):+.1f}%" if base and f"{s}/{m}" in cells else "")
+        pruned = summary(cells, s, "none")
+        row = []
+        for m in methods:
+            got = summary(cells, s, m)
+            share = f" ({100 * recovered_share(dense_ppl, pruned['ppl'], got['ppl']):.0f}%)" if got and pruned and dense else ""
+            row.append(f"{got['ppl']:.2f}{share}" if got else "")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
+    lines += ["", "## MoPs against each baseline",
+              "",
+              "ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the test examples (2,000 resamples, "
+              "the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
+              "kind is represented by its best variant in the file.",
+              "",
+              "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict |",
+              "| --- | --- | --- | ---: | --- |"]
+    for s in settings:
+        for c in comparisons(cells, s, methods):
+            lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} |")
     lines += ["", "## Every cell", "",
-              "| setting | method | ppl | recovered | trainable params | train s | cell s |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+              "| setting | method | seed | ppl | trainable params | train s | positions added | prefill tokens/s | "
+              "lora layout |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in settings:
         for m in methods:
-            c = cells.get(f"{s}/{m}")
-            if c:
+            for c in seed_runs(cells, s, m):
                 train_s = f"{c['train_seconds']:.0f}" if "train_seconds" in c else ""
-                lines.append(f"| {s} | {m} | {c['ppl']:.2f} | {c['recovered']:.3f} | {c['trainable_params']:,} | "
-                             f"{train_s} | {c['seconds']:.0f} |")
-    categories = sorted(cells.get("dense", {}).get("per_category", {}))
-    lines += ["", "## Per category", "", "| setting | method | " + " | ".join(categories) + " |",
+                lora = c.get("lora")
+                layout = (f"r {lora['rank']}, {'/'.join(t.replace('_proj', '') for t in lora['targets'])}, layers "
+                          f"{lora['layers'] if isinstance(lora['layers'], str) else len(lora['layers'])}") if lora else ""
+                lines.append(f"| {s} | {m} | {'' if c.get('seed') is None else c['seed']} | {c['ppl']:.2f} | "
+                             f"{c['trainable_params']:,} | {train_s} | {c.get('positions_added', '')} | "
+                             f"{c.get('prefill_tokens_per_s', 0):.0f} | {layout} |")
+    categories = sorted((dense or {}).get("per_category", {}))
+    lines += ["", "## Per category (seed 0 where trained)", "", "| setting | method | " + " | ".join(categories) + " |",
               "| --- | --- | " + " | ".join("---:" for _ in categories) + " |"]
-    if "dense" in cells:
-        lines.append("| dense | | " + " | ".join(f"{cells['dense']['per_category'][c]:.2f}" for c in categories) + " |")
+    if dense:
+        lines.append("| dense | | " + " | ".join(f"{dense['per_category'][c]:.2f}" for c in categories) + " |")
     for s in settings:
         for m in methods:
-            c = cells.get(f"{s}/{m}")
-            if c:
-                lines.append(f"| {s} | {m} | " + " | ".join(f"{c['per_category'][k]:.2f}" for k in categories) + " |")
+            runs = seed_runs(cells, s, m)
+            if runs:
+                lines.append(f"| {s} | {m} | " + " | ".join(f"{runs[0]['per_category'][k]:.2f}" for k in categories) + " |")
     lines += ["", f"Gate heatmaps (mean gate weight per test category and expert, before training, after gate "
-              f"pretraining, midway, at the end), with their numbers: `{stem}_gates/`.", "",
+              f"pretraining, midway, at the end), with their numbers: `{stem}_gates/`. Prefill tokens/s: "
+              f"instruction tokens of {PREFILL_EXAMPLES} held-out examples per second through every layer (no head), "
+              "batches of 8, measured in each cell's own run (other runs may have shared the machine).", "",
               f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}."]
     return "\n".join(lines) + "\n"
+
+
+def _config_text(c: dict) -> str:
+    gate = "linear router" if c["gate_hidden"] == 0 else f"MLP gate r = {c['gate_hidden']}"
+    route = "soft routing" if c["top_k"] is None else f"top-{c['top_k']} routing"
+    noise = f", router noise {c['router_noise']}" if c["router_noise"] else ""
+    return f"{c['combine']} mode, {gate}, {route}{noise}, tau {c['temperature']}"
+
+
+def render(results: dict, out_json: Path) -> None:
+    out_json.with_suffix(".md").write_text(markdown(results, out_json.stem))
+    draw_chart(results, out_json.with_suffix(".png"))
+    gates = out_json.parent / f"{out_json.stem}_gates"
+    for key, cell in results["cells"].items():
+        if cell.get("gate_snapshots"):
+            gates.mkdir(exist_ok=True)
+            stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", key.replace(":", "of", 1))  # 3:4/mops/seed0 -> 3of4_mops_seed0
+            (gates / f"{stem}.json").write_text(json.dumps(cell["gate_snapshots"], indent=2) + "\n")
+            draw_heatmaps(cell["gate_snapshots"], gates / f"{stem}.png", title=f"{cell['method']} at {cell['setting']}")
 
 
 def draw_chart(results: dict, path: Path) -> None:
@@ -317,17 +447,16 @@ def draw_chart(results: dict, path: Path) -> None:
     if not settings:
         return
     width = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(settings), 4))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(settings), 4))
     for i, m in enumerate(methods):
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j, s in enumerate(settings) if f"{s}/{m}" in cells]
-        ys = [cells[f"{s}/{m}"]["ppl"] for s in settings if f"{s}/{m}" in cells]
-        ax.bar(xs, ys, width, label=m)
+        points = [(j, summary(cells, s, m)["ppl"]) for j, s in enumerate(settings) if summary(cells, s, m)]
+        ax.bar([j + (i - (len(methods) - 1) / 2) * width for j, _ in points], [y for _, y in points], width, label=m)
     if "dense" in cells:
         ax.axhline(cells["dense"]["ppl"], color="black", linestyle="--", linewidth=1, label="dense")
     ax.set_yscale("log")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_xlabel("pruning setting")
-    ax.set_ylabel("held-out response perplexity (log)")
+    ax.set_ylabel(f"held-out response perplexity (log), {results['protocol']['score_split']}")
     ax.set_title(f"Recovery of {results['protocol']['model']} ({results['protocol']['prune_method']})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=130, bbox_inches="tight")

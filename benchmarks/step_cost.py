@@ -1,10 +1,22 @@
-"""What a Mixture of Prompts costs per training step, as ratios measured in one run.
+"""What a recovery training step costs, as ratios measured side by side in one run.
 
-With l = g the layers below g run once, on the input alone, and the gate reads their
-output, so a ``mops`` step should cost about what a ``single`` prompt step with the same
-m costs (the target: at most 1.10x). ``attention`` mode prepends K*m positions instead
-of m and is timed beside them. Steps of the configurations are interleaved and the
-median of each is reported, so a noisy machine hits all of them alike.
+The step (forward, backward, AdamW) on the same batches of the train split (K = 4, m = 10,
+l = g = round(0.3 L), 4 examples of at most 256 tokens), in four ways:
+
+- ``padded`` -- the step as it was at commit 0b7bc88: a right-padded batch through
+  ``PromptedLM.forward`` (still the path of generation and lm-eval), the frozen layers
+  below l run at every step;
+- ``packed`` -- ``PromptedLM.forward_examples``: the batch packed into one sequence (no
+  padding; a prompt shared by every input runs once), lower layers still run every step;
+- ``packed+stored`` -- the same with the lower layers' states taken from a warm
+  ``mops.lower_cache.LowerStates``, as in training after an example's first visit and in
+  the recovery study, whose methods share one store per pruned model;
+- ``peft`` -- PEFT prompt tuning (``get_peft_model`` with ``PromptTuningConfig``, K*m
+  virtual tokens at the input, the same padded batch, labels masked on the instruction).
+
+``--compile`` adds ``packed+stored+compile`` (the upper layers under ``torch.compile``;
+its one-off compile time is reported beside it). The variants are interleaved batch by
+batch and the median of each is reported, so a noisy machine hits all of them alike.
 
     python benchmarks/step_cost.py            # writes benchmarks/results/step_cost_embedded.{md,json}
 """
@@ -12,6 +24,7 @@ median of each is reported, so a noisy machine hits all of them alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -20,12 +33,12 @@ from pathlib import Path
 import torch
 
 from mops.cli_common import run_cli, setup_logging
-from mops.data import heldout_records
-from mops.models import DEFAULT_MODEL, load_model
+from mops.data import encode_example, load_records, split_records
+from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
+from mops.models import DEFAULT_MODEL, load_model
 from mops.outputs import library_versions, write_json_atomic
-from mops.train import TrainConfig, build_mixture, collate, trainable_groups
-from mops.data import encode_example
+from mops.train import BatchOrder, TrainConfig, build_mixture, collate, trainable_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,70 +51,140 @@ def main(argv=None) -> None:
     p.add_argument("--prompt-len", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-len", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=12)
+    p.add_argument("--batches", type=int, default=12, help="timed batches (the first steps of seed 0)")
+    p.add_argument("--compile", action="store_true", help="also time the upper layers under torch.compile")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     setup_logging(quiet=True)
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=args.device)
-    records = heldout_records("dolly+natural-instructions", "train", limit=args.batch_size * 8)
-    examples = [encode_example(tok, r, args.max_len) for r in records]
-    batch = collate(examples[: args.batch_size], tok.pad_token_id, model.device)
+    train = split_records(load_records(["dolly", "natural-instructions"]), 0)["train"]
+    examples = [encode_example(tok, r, args.max_len) for r in train]
+    order = BatchOrder(len(examples), args.batch_size, 1, 0)
+    batches = [[examples[i] for i in order.indices(s, 0)] for s in range(args.batches + 1)]  # +1 warm-up
     g = round(0.3 * model.config.num_hidden_layers)
-    variants = {
-        "single": MixtureConfig(1, args.prompt_len, "single", gate_layer=g, inject_layer=g),
-        "mops-interpolate": MixtureConfig(args.experts, args.prompt_len, "mops", "interpolate", g, g),
-        "mops-attention": MixtureConfig(args.experts, args.prompt_len, "mops", "attention", g, g),
+    K, m = args.experts, args.prompt_len
+    mixtures = {
+        "mops-attention": MixtureConfig(K, m, "mops", "attention", g, g),
+        "mops-interpolate": MixtureConfig(K, m, "mops", "interpolate", g, g),
+        "prompt-equal": MixtureConfig(1, K * m, "single", gate_layer=g, inject_layer=g),
     }
+    store = LowerStates()
     steps = {}
-    for name, config in variants.items():
+    for name, config in mixtures.items():
         lm = build_mixture(model, tok, examples, config, seed=0)
         opt = torch.optim.AdamW(trainable_groups(lm, TrainConfig()))
-        steps[name] = (lm, opt)
-
-    def one_step(lm, opt):
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
+        for batch in batches:
+            store.states(lm, batch)  # warm: every timed example's lower states are stored
+        steps[f"{name} padded"] = padded_step(lm, opt, tok.pad_token_id)
+        steps[f"{name} packed"] = packed_step(lm, opt, None)
+        steps[f"{name} packed+stored"] = packed_step(lm, opt, store)
+    steps["peft prompt tuning"] = peft_step(model, K * m, tok.pad_token_id)
+    compile_seconds = None
+    if args.compile:
+        compiled = copy.deepcopy(model)
+        for layer in compiled.model.layers[g:]:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        lm = build_mixture(compiled, tok, examples, mixtures["mops-attention"], seed=0)
+        opt = torch.optim.AdamW(trainable_groups(lm, TrainConfig()))
+        step = packed_step(lm, opt, store)
         start = time.perf_counter()
-        out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"], return_logits=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
+        for batch in batches[:2]:  # two shapes: the first compile is static, the second dynamic
+            step(batch)
+        compile_seconds = time.perf_counter() - start
+        steps["mops-attention packed+stored+compile"] = step
 
-    for lm, opt in steps.values():  # warm-up
-        one_step(lm, opt)
+    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
     times = {name: [] for name in steps}
-    for _ in range(args.repeats):
-        for name, (lm, opt) in steps.items():
-            times[name].append(one_step(lm, opt))
+    for i, batch in enumerate(batches):
+        for name, step in steps.items():
+            sync()
+            start = time.perf_counter()
+            step(batch)
+            sync()
+            if i:  # batch 0 warms every variant up
+                times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
+    new = median["mops-attention packed+stored"]
     result = {
         "model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
-        "batch_size": args.batch_size, "tokens_per_batch": int(batch["attention_mask"].sum()),
-        "experts": args.experts, "prompt_len": args.prompt_len, "gate_layer": g, "inject_layer": g,
-        "repeats": args.repeats, "median_seconds": median,
-        "ratio_to_single": {name: median[name] / median["single"] for name in median},
+        "batch_size": args.batch_size, "max_len": args.max_len, "batches": args.batches,
+        "tokens_per_batch": statistics.mean(sum(len(e.input_ids) for e in b) for b in batches[1:]),
+        "padded_tokens_per_batch": statistics.mean(len(b) * max(len(e.input_ids) for e in b) for b in batches[1:]),
+        "experts": K, "prompt_len": m, "gate_layer": g, "inject_layer": g,
+        "median_seconds": median, "compile_seconds": compile_seconds,
+        "speedup_over_padded": {n: median[f"{n} padded"] / median[f"{n} packed+stored"] for n in mixtures},
+        "peft_over_ours": median["peft prompt tuning"] / new,
         "versions": library_versions(),
     }
     out = Path(args.out_dir) / f"step_cost_{args.name}.json"
     write_json_atomic(out, result)
+    text = markdown(result, K * m)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def padded_step(lm, opt, pad_id):
+    def step(batch):
+        b = collate(batch, pad_id, lm.base.device)
+        out = lm(b["input_ids"], b["attention_mask"], b["gate_mask"], b["labels"], return_logits=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def packed_step(lm, opt, store):
+    def step(batch):
+        out = lm.forward_examples(batch, lower=store)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def peft_step(model, n_virtual: int, pad_id: int):
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(model), PromptTuningConfig(task_type=TaskType.CAUSAL_LM,
+                                                                    num_virtual_tokens=n_virtual))
+    opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad])
+
+    def step(batch):
+        b = collate(batch, pad_id, model.device)
+        out = peft(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return step
+
+
+def markdown(r: dict, n_virtual: int) -> str:
+    med = r["median_seconds"]
+    rows = [f"| {name} | {seconds:.3f} | {med['mops-attention padded'] / seconds:.2f}x |" for name, seconds in med.items()]
     lines = [
-        f"# Training-step cost of a Mixture of Prompts on {args.model}",
+        f"# Training-step cost on {r['model']}",
         "",
-        f"Made by `python benchmarks/step_cost.py` on {result['device']} ({result['threads']} threads): "
-        f"batch of {args.batch_size} examples ({result['tokens_per_batch']} tokens), K = {args.experts}, "
-        f"m = {args.prompt_len}, l = g = {g}; median of {args.repeats} interleaved steps "
-        "(forward, backward, AdamW step).",
+        f"Made by `python benchmarks/step_cost.py{' --compile' if r['compile_seconds'] is not None else ''}` on "
+        f"{r['device']} ({r['threads']} threads): the first {r['batches']} steps of seed 0, batches of "
+        f"{r['batch_size']} train examples of at most {r['max_len']} tokens ({r['tokens_per_batch']:.0f} tokens a batch "
+        f"on average, {r['padded_tokens_per_batch']:.0f} padded), K = {r['experts']}, m = {r['prompt_len']}, "
+        f"l = g = {r['gate_layer']}; median of the interleaved steps (forward, backward, AdamW step). `padded` is the "
+        "step of commit 0b7bc88; `packed` packs the batch into one sequence; `stored` takes the frozen lower "
+        f"layers' states from a warm store; PEFT prompt tuning has {n_virtual} virtual tokens at the input.",
         "",
-        "| variant | median step s | ratio to single |",
+        "| variant | median step s | speed-up over mops-attention padded |",
         "| --- | ---: | ---: |",
-    ] + [f"| {n} | {median[n]:.3f} | {result['ratio_to_single'][n]:.3f} |" for n in median]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        *rows,
+        "",
+        "Speed-up of the packed, stored step over the padded one: "
+        + ", ".join(f"{n} {v:.2f}x" for n, v in r["speedup_over_padded"].items())
+        + f". PEFT prompt tuning's step over ours (mops-attention): {r['peft_over_ours']:.2f}x.",
+    ]
+    if r["compile_seconds"] is not None:
+        lines.append(f"torch.compile took {r['compile_seconds']:.0f} s before its first step.")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

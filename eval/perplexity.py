@@ -62,41 +62,64 @@ def wikitext_perplexity(model, tokenizer, seq_len: int = 2048, max_windows: int 
 
 @torch.no_grad()
 def response_perplexity(model, tokenizer, records, max_len: int = RESPONSE_MAX_LEN, batch_size: int = 8,
-                        progress: bool = True) -> dict:
-    """Perplexity of the responses given their prompts; overall and per category.
+                        progress: bool = True, lower=None, pack_tokens: int = 1024) -> dict:
+    """Perplexity of the responses given their prompts; overall, per category, and per example.
 
-    ``model`` is a Hugging Face causal LM or a prompted model (``mops.injection.PromptedLM``,
-    whose gate then sees the instruction tokens only).
+    ``model`` is a Hugging Face causal LM (padded batches of ``batch_size``) or a prompted
+    model (``mops.injection.PromptedLM``, whose gate then sees the instruction tokens only:
+    examples packed up to ``pack_tokens`` tokens, the lower layers from ``lower``, a
+    :class:`mops.lower_cache.LowerStates`, when given). ``per_example`` holds each record's
+    summed NLL and response tokens, in the order of ``records``, for paired bootstraps.
     """
     if not records:
         raise UserError("response perplexity needs at least one record")
     examples = [encode_example(tokenizer, r, max_len) for r in records]
-    # Similar lengths together: less padding, fewer wasted FLOPs on a CPU.
+    # Similar lengths together: less padding (or smaller packs), fewer wasted FLOPs on a CPU.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
-    device = next(model.parameters()).device
+    nll, tokens = [0.0] * len(examples), [0] * len(examples)
+    for batch in tqdm(list(_batches(order, examples, model, batch_size, pack_tokens)), desc="response ppl",
+                      disable=not progress, leave=False):
+        row_nll, row_tokens = _response_nll(model, [examples[i] for i in batch], tokenizer.pad_token_id, lower)
+        for i, s, n in zip(batch, row_nll.tolist(), row_tokens.tolist()):
+            nll[i], tokens[i] = s, n
     sums, counts = defaultdict(float), defaultdict(int)
-    for start in tqdm(range(0, len(order), batch_size), desc="response ppl", disable=not progress, leave=False):
-        batch = [examples[i] for i in order[start : start + batch_size]]
-        t = {k: v.to(device) for k, v in pad_batch(batch, tokenizer.pad_token_id).items()}
-        row_nll, row_tokens = _response_nll(model, t)
-        for e, s, n in zip(batch, row_nll.tolist(), row_tokens.tolist()):
-            sums[e.category] += s
-            counts[e.category] += n
-    total, count = sum(sums.values()), sum(counts.values())
+    for e, s, n in zip(examples, nll, tokens):
+        sums[e.category] += s
+        counts[e.category] += n
+    total, count = sum(nll), sum(tokens)
     return {
         "ppl": math.exp(total / count),
         "per_category": {c: math.exp(sums[c] / counts[c]) for c in sorted(sums)},
         "examples": len(records),
         "tokens": count,
         "max_len": max_len,
+        "per_example": {"nll": nll, "tokens": tokens},
     }
 
 
-def _response_nll(model, t: dict):
-    """Summed response NLL and response token count of each row."""
+def _batches(order, examples, model, batch_size: int, pack_tokens: int):
+    if not isinstance(model, PromptedLM):
+        yield from (order[s : s + batch_size] for s in range(0, len(order), batch_size))
+        return
+    batch, size = [], 0
+    for i in order:
+        n = len(examples[i].input_ids)
+        if batch and size + n > pack_tokens:
+            yield batch
+            batch, size = [], 0
+        batch.append(i)
+        size += n
+    if batch:
+        yield batch
+
+
+def _response_nll(model, batch: list, pad_id: int, lower):
+    """Summed response NLL and response token count of each example."""
     if isinstance(model, PromptedLM):
-        out = model(t["input_ids"], t["attention_mask"], t["gate_mask"], t["labels"], return_logits=False)
+        out = model.forward_examples(batch, lower=lower)
         return out.row_nll, out.row_tokens
+    device = next(model.parameters()).device
+    t = {k: v.to(device) for k, v in pad_batch(batch, pad_id).items()}
     nll = token_nll(model, t["input_ids"], t["attention_mask"], t["labels"])
     return nll.sum(1), (t["labels"][:, 1:] != -100).sum(1)
 

@@ -14,24 +14,18 @@ from pathlib import Path
 
 import torch
 
-from mops.data import EncodedExample, pad_batch
+from mops.data import EncodedExample
 from mops.injection import PromptedLM
+from mops.lower_cache import LowerStates, pooled_gate_inputs
 
 SNAPSHOTS_JSON = "gate_snapshots.json"
 HEATMAP_PNG = "gate_heatmap.png"
 
 
 @torch.no_grad()
-def gate_weights(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, batch_size: int = 8) -> torch.Tensor:
-    """N x K gate weights, each computed from the example's instruction tokens only."""
-    device = next(lm.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in pad_batch(examples[start : start + batch_size], pad_id, side="right").items()}
-        keys = batch["attention_mask"].bool()
-        _, states, _ = lm.lower(batch["input_ids"], batch["attention_mask"])
-        out.append(lm.mixture.gate_weights(states, batch["gate_mask"] & keys, len(keys)).float().cpu())
-    return torch.cat(out)
+def gate_weights(lm: PromptedLM, examples: list[EncodedExample], lower: LowerStates | None = None) -> torch.Tensor:
+    """N x K routed gate weights, each computed from the example's instruction tokens only."""
+    return lm.mixture.weights_from_pooled(pooled_gate_inputs(lm, examples, lower), len(examples)).float().cpu()
 
 
 def gate_snapshot(examples: list[EncodedExample], weights: torch.Tensor, label: str, step: int) -> dict:

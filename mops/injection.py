@@ -14,6 +14,14 @@ The forward pass, in the model's own modules:
 
 Attention masks are built here as 4-D tensors (boolean, or additive when there is a
 bias), which the model's ``eager`` and ``sdpa`` attention both accept.
+
+Training and scoring use :meth:`PromptedLM.forward_examples`, the same computation on
+examples *packed* into one sequence instead of a padded batch: no position is spent on
+padding (a third of a padded training batch here), a prompt shared by every input runs
+once per batch instead of once per row, and the states entering layer l can come from
+:class:`mops.lower_cache.LowerStates`, which runs the frozen layers below l once per
+example. Block masks keep every example blind to the others, so the loss and its
+gradients are those of the padded forward (tests/test_packing.py).
 """
 
 from __future__ import annotations
@@ -24,8 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mops.data import EncodedExample
 from mops.errors import UserError
+from mops.lower_cache import pool_gate_states
 from mops.mixture import Mixture
+from mops.packing import Packing, packed
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -34,9 +45,15 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 class PromptedOutput:
     logits: torch.Tensor | None  # B x T x V over the input positions (None when only the loss was asked)
     loss: torch.Tensor | None  # mean response-token NLL
-    gate_weights: torch.Tensor  # B x K
+    gate_weights: torch.Tensor  # B x K (after top-k routing)
     row_nll: torch.Tensor | None = None  # B: summed response NLL of each row, for exact perplexities
     row_tokens: torch.Tensor | None = None  # B: response tokens of each row
+    gate_probs: torch.Tensor | None = None  # B x K soft gate weights, before top-k (for load balancing)
+
+
+def at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 from half-precision logits; float64 ones stay float64."""
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def _as_mask(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -92,12 +109,18 @@ class PromptedLM(nn.Module):
     def layers(self):
         return self.base.model.layers
 
-    def _run(self, hidden, layers, mask, positions, cache=None):
+    def _run(self, hidden, layers, mask, positions, cache=None, **attention):
         rope = self.base.model.rotary_emb(hidden, position_ids=positions)
         for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                           use_cache=cache is not None, position_embeddings=rope)
+                           use_cache=cache is not None, position_embeddings=rope, **attention)
         return hidden
+
+    def _run_packed(self, hidden, layers, pack: Packing, bias=None):
+        """``layers`` on a packed 1 x N sequence, attending block by block (:mod:`mops.packing`)."""
+        masks = pack.masks(bias, hidden.dtype, hidden.device)
+        with packed(self.base.config):
+            return self._run(hidden, layers, None, pack.positions[None], packing=pack, block_masks=masks)
 
     def _additive(self, bias) -> bool:
         return bias is not None or self.base.config._attn_implementation == "eager"
@@ -131,7 +154,7 @@ class PromptedLM(nn.Module):
         additive = self._additive(bias)
         mask = torch.cat([prompt_rows_mask(M, keys, additive, dtype),
                           input_rows_mask(keys, M, keys.shape[1], bias, additive, dtype)], dim=2)
-        hidden = torch.cat([prompt.to(dtype), hidden], dim=1)
+        hidden = torch.cat([prompt.to(dtype).expand(B, -1, -1), hidden], dim=1)
         prompt_positions = torch.arange(M, device=hidden.device).expand(B, M)
         positions = torch.cat([prompt_positions, positions + M], dim=1)
         hidden = self._run(hidden, self.layers[self.inject_layer :], mask, positions, cache)
@@ -141,6 +164,69 @@ class PromptedLM(nn.Module):
         weights = gate_weights if gate_weights is not None else self.mixture.gate_weights(gate_states, gate_mask, batch)
         prompt, bias = self.mixture(weights)
         return weights, prompt, bias
+
+    # ------------------------------------------------------------------ packed
+    @torch.no_grad()
+    def lower_states(self, sequences: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Each token sequence's states entering layer l and entering layer g (None without a
+        gate), from the frozen layers below (no prompt there). One sequence at a time, so an
+        example's states never depend on which others were computed with it: a run that
+        takes them from a store and one that computes them agree bitwise."""
+        device = self.base.model.embed_tokens.weight.device
+        needs_gate = self.mixture.needs_gate_states
+        out = []
+        for tokens in sequences:
+            hidden = self.base.model.embed_tokens(torch.tensor([tokens], device=device))
+            at, done = {0: hidden}, 0
+            pack = Packing.build([len(tokens)], 0, shared=True, device=device)
+            for stop in sorted({self.inject_layer, self.gate_layer if needs_gate else 0}):
+                if stop > done:
+                    hidden = at[stop] = self._run_packed(hidden, self.layers[done:stop], pack)
+                    done = stop
+            inject = at[self.inject_layer][0]
+            gate = None if not needs_gate else inject if self.gate_layer == self.inject_layer else at[self.gate_layer][0]
+            out.append((inject, gate))
+        return out
+
+    def forward_examples(self, examples: list[EncodedExample], lower=None, gate_weights=None,
+                         gate_noise=None) -> PromptedOutput:
+        """The response loss of ``examples`` packed into one sequence (see the module doc).
+
+        ``lower`` (a :class:`mops.lower_cache.LowerStates`) supplies the states below l;
+        without it they are computed here. ``gate_weights`` (B x K) overrides the gate;
+        ``gate_noise`` (B x K standard normal) perturbs a noisy router's logits.
+        """
+        if lower is not None:
+            states, pooled = lower.get(self, examples)
+        else:
+            pairs = self.lower_states([e.input_ids for e in examples])
+            states = [h for h, _ in pairs]
+            pooled = pool_gate_states(self, examples, [g for _, g in pairs])
+        B = len(examples)
+        probs = None
+        if gate_weights is None:
+            probs = self.mixture.gate_probs(pooled, B, gate_noise)
+            gate_weights = self.mixture.route(probs)
+        prompt, bias = self.mixture(gate_weights)
+        M = prompt.shape[1]
+        dtype = states[0].dtype
+        shared = prompt.shape[0] == 1
+        pack = Packing.build([len(h) for h in states], M, shared, device=states[0].device)
+        prompt = prompt.to(dtype)
+        pieces = [prompt[0]] + states if shared else [t for i, h in enumerate(states) for t in (prompt[i], h)]
+        hidden = torch.cat(pieces)  # in the order of Packing.build
+        hidden = self._run_packed(hidden[None], self.layers[self.inject_layer :], pack, bias)[0]
+        hidden = hidden[pack.inputs]
+        # each example predicts its own next tokens: shift labels within examples, never across
+        target = torch.cat([torch.tensor(e.labels[1:] + [-100]) for e in examples]).to(hidden.device)
+        rows = torch.cat([torch.full((len(e.input_ids),), i) for i, e in enumerate(examples)]).to(hidden.device)
+        where = target != -100
+        nll = F.cross_entropy(at_least_float32(self.base.lm_head(self.base.model.norm(hidden[where]))), target[where],
+                              reduction="none")
+        row_nll = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows[where], nll)
+        row_tokens = torch.zeros(B, dtype=torch.long, device=nll.device).index_add(0, rows[where], torch.ones_like(rows[where]))
+        loss = nll.sum() / where.sum().clamp_min(1)
+        return PromptedOutput(None, loss, gate_weights, row_nll, row_tokens, probs)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask=None, gate_mask=None, labels=None, gate_weights=None,
@@ -166,9 +252,9 @@ class PromptedLM(nn.Module):
                 picked = logits[:, :-1][where]
             else:  # the head only where the loss is taken: most of a CPU step for a 49k vocabulary
                 picked = self.base.lm_head(hidden[:, :-1][where])
-            nll = F.cross_entropy(picked.float(), target[where], reduction="none")
+            nll = F.cross_entropy(at_least_float32(picked), target[where], reduction="none")
             rows = where.nonzero()[:, 0]
-            row_nll = torch.zeros(labels.shape[0], device=nll.device).index_add(0, rows, nll)
+            row_nll = torch.zeros(labels.shape[0], dtype=nll.dtype, device=nll.device).index_add(0, rows, nll)
             row_tokens = where.sum(1)
             loss = nll.sum() / where.sum().clamp_min(1)
         return PromptedOutput(logits, loss, weights, row_nll, row_tokens)

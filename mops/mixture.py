@@ -10,6 +10,16 @@ attention bias toward them, and the gate weights (METHOD.md section 2):
   no-op (bias 0: exactly one plain prompt of all K*m vectors), so the gate only shifts
   attention between the groups; with log w_k a uniform gate would cut every prompt's
   attention to 1/K, which a short recovery run could not train back.
+
+Sparse routing (SMoP, Choi et al. 2023): with ``top_k`` < K only the k largest gate weights
+are kept, *not* renormalised (as SMoP scales the chosen prompt by its router probability),
+so the gate still gets a gradient and ``top_k = K`` is exactly soft routing. In
+``interpolate`` mode top-1 is one expert's m vectors per input; in ``attention`` mode the
+other experts' positions get a bias of about -69, which masks them.
+
+When every input gets the same prompt (``attention`` mode, whose groups are the experts
+themselves, or a uniform gate), ``forward`` returns it once (1 x M x d): packed training
+(:meth:`mops.injection.PromptedLM.forward_examples`) then runs it once per batch.
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ class MixtureConfig:
     combine: str = "interpolate"
     gate_layer: int | None = None  # None: round(0.3 * L)
     inject_layer: int | None = None  # None: the gate layer
-    gate_hidden: int = 128
+    gate_hidden: int = 128  # r; 0: SMoP's linear router d -> K
     temperature: float = 1.0
+    top_k: int | None = None  # None: soft routing over all K experts
+    router_noise: float = 0.0  # sigma of SMoP's relative Gaussian noise on the gate logits (training only)
 
     def resolved(self, n_layers: int) -> "MixtureConfig":
         """A copy with the layer defaults filled in, validated against the model's depth."""
@@ -59,8 +71,17 @@ class MixtureConfig:
         for flag, value, top in (("--gate-layer", c.gate_layer, n_layers), ("--inject-layer", c.inject_layer, n_layers - 1)):
             if not 0 <= value <= top:
                 raise UserError(f"{flag} {value}: expected a layer in [0, {top}] for this {n_layers}-layer model")
-        if c.gate_hidden < 1 or c.temperature <= 0:
-            raise UserError(f"--gate-hidden {c.gate_hidden} / --temperature {c.temperature}: expected positive values")
+        if c.gate_hidden < 0 or c.temperature <= 0:
+            raise UserError(f"--gate-hidden {c.gate_hidden} / --temperature {c.temperature}: expected a width of 0 "
+                            "or more (0: a linear router) and a positive temperature")
+        if c.gate == "attempt" and c.gate_hidden < 1:
+            raise UserError(f"--gate-hidden {c.gate_hidden}: ATTEMPT's gate needs a hidden width of at least 1")
+        if c.top_k is not None and not 1 <= c.top_k <= c.n_experts:
+            raise UserError(f"--top-k {c.top_k}: expected a number of experts in [1, {c.n_experts}]")
+        if c.router_noise < 0:
+            raise UserError(f"--router-noise {c.router_noise}: expected 0 or more")
+        if (c.top_k is not None or c.router_noise) and c.gate != "mops":
+            raise UserError(f"--top-k / --router-noise route with the mops gate; --gate {c.gate} has no router")
         return c
 
     @property
@@ -76,7 +97,7 @@ class Mixture(nn.Module):
         K, m = config.n_experts, config.prompt_len
         self.experts = PromptExperts(K, m, width, None if init is None else init[:K])
         if config.gate == "mops":
-            self.gate = MoPsGate(width, K, config.gate_hidden, config.temperature)
+            self.gate = MoPsGate(width, K, config.gate_hidden, config.temperature, config.router_noise)
         elif config.gate == "attempt":
             self.gate = AttemptGate(width, K, config.gate_hidden)
             target = torch.zeros(m, width) if init is None else init[K]
@@ -88,26 +109,55 @@ class Mixture(nn.Module):
     def needs_gate_states(self) -> bool:
         return not isinstance(self.gate, UniformGate)
 
+    @property
+    def shared_prompt(self) -> bool:
+        """Whether every input gets the same prompt vectors (only the attention bias may differ)."""
+        return self.config.combine == "attention" or isinstance(self.gate, UniformGate)
+
     def fused(self, tensor: torch.Tensor) -> bool:
         """MoPs gate + interpolation on CUDA run as the Triton kernels of ``mops.kernels``
-        (imported only then, so CPU runs never load Triton); elsewhere the PyTorch path."""
-        return tensor.is_cuda and self.config.gate == "mops" and self.config.combine == "interpolate"
+        (imported only then, so CPU runs never load Triton); elsewhere the PyTorch path.
+        The kernels fuse the MLP gate with soft routing; SMoP's router, top-k and
+        router noise take the PyTorch path."""
+        c = self.config
+        return (tensor.is_cuda and c.gate == "mops" and c.combine == "interpolate" and c.gate_hidden > 0
+                and c.top_k is None and not c.router_noise)
 
-    def gate_weights(self, hidden: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+    def gate_probs(self, pooled: torch.Tensor | None, batch: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """B x K soft gate weights from the pooled gate input (``gate.pool`` of the gate layer)."""
         if isinstance(self.gate, UniformGate):
             return self.gate.weights(batch, self.experts.weight.device)
-        if self.fused(hidden):
+        if self.fused(pooled) and noise is None:
             from mops.kernels.gate_interpolate import gate_weights
             from mops.kernels.reference import mops_gate_params
 
-            return gate_weights(self.gate.pool(hidden, mask), *mops_gate_params(self.gate))
-        return self.gate(hidden, mask, self.experts())
+            return gate_weights(pooled, *mops_gate_params(self.gate))
+        return self.gate.from_pooled(pooled, self.experts(), noise)
+
+    def route(self, probs: torch.Tensor) -> torch.Tensor:
+        """The weights the experts are mixed with: ``probs``, or its top-k entries (the rest 0)."""
+        k = self.config.top_k
+        if k is None or k == probs.shape[-1]:
+            return probs
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, probs.topk(k, dim=-1).indices, True)
+        return probs * keep
+
+    def weights_from_pooled(self, pooled: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """B x K routed weights (what the experts are mixed with) from the pooled gate input."""
+        return self.route(self.gate_probs(pooled, batch))
+
+    def gate_weights(self, hidden: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """B x K routed weights from the gate layer's states and the instruction mask."""
+        pooled = None if isinstance(self.gate, UniformGate) else self.gate.pool(hidden, mask)
+        return self.weights_from_pooled(pooled, batch)
 
     def forward(self, weights: torch.Tensor):
-        """Gate weights (B x K) -> (prompt B x M x d, attention bias B x M or None)."""
+        """Gate weights (B x K) -> (prompt B x M x d, or 1 x M x d when shared; attention bias B x M or None)."""
         P = self.experts()
         B, (K, m, d) = weights.shape[0], P.shape
         if self.config.combine == "interpolate":
+            if isinstance(self.gate, UniformGate):
+                return P.mean(0, keepdim=True), None  # sum_k (1/K) P_k, the same for every input
             if self.fused(P):
                 from mops.kernels.gate_interpolate import interpolate
 
@@ -117,9 +167,9 @@ class Mixture(nn.Module):
             if self.config.gate == "attempt":
                 prompt = prompt + self.target
             return prompt, None
-        groups = P.reshape(K * m, d)
+        groups = P.reshape(1, K * m, d)
         bias = torch.log(weights.clamp_min(1e-30) * K).repeat_interleave(m, dim=1)  # B x K*m
         if self.config.gate == "attempt":
-            groups = torch.cat([self.target, groups])
+            groups = torch.cat([self.target[None], groups], dim=1)
             bias = torch.cat([bias.new_zeros(B, m), bias], dim=1)
-        return groups.unsqueeze(0).expand(B, -1, -1), bias
+        return groups, bias

@@ -42,27 +42,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "a .jsonl path [#field=key,...], or hf:org/name")
     p.add_argument("--limit-per-source", type=int, help="at most this many records of each source, stratified by "
                    "category (default: all); the train/validation/test split is then made from them, with --seed")
-    m = p.add_argument_group("the mixture")
-    m.add_argument("--experts", type=int, default=4, help="K, the number of prompt experts (default: 4)")
-    m.add_argument("--prompt-len", type=int, default=20, help="m, vectors per expert (default: 20)")
-    m.add_argument("--gate", default="mops", help=f"{', '.join(GATES)}: the MoPs MLP gate, ATTEMPT's attention "
-                   "gate, fixed equal weights, or one prompt (K = 1) (default: mops)")
-    m.add_argument("--combine", default="interpolate", help=f"{', '.join(COMBINES)}: prepend the weighted sum of "
-                   "the experts (m positions), or all K*m vectors with log-weights on the attention (default: interpolate)")
+    c = MixtureConfig()
+    m = p.add_argument_group("the mixture (defaults: the configuration the recovery study chose on validation)")
+    m.add_argument("--experts", type=int, default=c.n_experts, help=f"K, the number of prompt experts (default: {c.n_experts})")
+    m.add_argument("--prompt-len", type=int, default=c.prompt_len, help=f"m, vectors per expert (default: {c.prompt_len})")
+    m.add_argument("--gate", default=c.gate, help=f"{', '.join(GATES)}: the MoPs gate, ATTEMPT's attention "
+                   f"gate, fixed equal weights, or one prompt (K = 1) (default: {c.gate})")
+    m.add_argument("--combine", default=c.combine, help=f"{', '.join(COMBINES)}: prepend the weighted sum of "
+                   "the experts (m positions), or all K*m vectors with log-weights on the attention "
+                   f"(default: {c.combine})")
     m.add_argument("--gate-layer", type=int, help="g: the gate reads the states entering layer g (default: round(0.3 L))")
     m.add_argument("--inject-layer", type=int, help="l: the prompt is prepended entering layer l; 0 is classic "
                    "prompt tuning (default: g)")
     m.add_argument("--source-prompt", action="append", default=[], metavar="ADAPTER",
                    help="a single-prompt adapter (from --gate single) on the same base, repeatable: becomes a "
                         "frozen expert, so a mixture can be composed from prompts trained earlier")
-    m.add_argument("--gate-hidden", type=int, default=128, help="r, the gate MLP's hidden width (default: 128)")
-    m.add_argument("--temperature", type=float, default=1.0, help="tau of the MoPs gate's softmax (default: 1)")
+    m.add_argument("--gate-hidden", type=int, default=c.gate_hidden, help="r, the MoPs gate MLP's hidden width; 0 is "
+                   f"SMoP's linear router (default: {c.gate_hidden})")
+    m.add_argument("--temperature", type=float, default=c.temperature,
+                   help=f"tau of the MoPs gate's softmax (default: {c.temperature})")
+    m.add_argument("--top-k", type=int, default=c.top_k, help="sparse routing (SMoP): keep each input's k largest "
+                   "gate weights, unrenormalised (default: all K, soft routing)")
+    m.add_argument("--router-noise", type=float, default=c.router_noise, help="SMoP's relative Gaussian noise on "
+                   f"the gate logits while training, logits * (1 + sigma N(0, 1)) (default: {c.router_noise})")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=d.steps, help=f"optimizer steps (default: {d.steps})")
     t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per micro-batch (default: {d.batch_size})")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--lr", type=float, default=d.lr, help=f"experts' learning rate (default: {d.lr})")
-    t.add_argument("--gate-lr", type=float, default=d.gate_lr, help=f"gate's learning rate in joint training (default: {d.gate_lr})")
+    t.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gate's learning rate in joint training; 0 keeps "
+                   f"the gate as pretrained (default: {d.gate_lr})")
+    t.add_argument("--warm-steps", type=int, default=d.warm_steps, help="steps with the gate held uniform before it "
+                   f"routes (in attention mode: one K*m prompt, then split into K experts) (default: {d.warm_steps})")
+    t.add_argument("--balance", type=float, default=d.balance, help="weight of the load-balancing term "
+                   f"K * sum_k f_k P_k (default: {d.balance})")
     t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
                    help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
     t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr,
@@ -101,11 +114,11 @@ def main(argv=None) -> None:
     if args.federated is not None:
         return federated.run_from_args(args)
     mixture = MixtureConfig(args.experts, args.prompt_len, args.gate, args.combine, args.gate_layer,
-                            args.inject_layer, args.gate_hidden, args.temperature)
+                            args.inject_layer, args.gate_hidden, args.temperature, args.top_k, args.router_noise)
     config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
                          args.gate_pretrain_lr, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         mixed_precision=args.mixed_precision)
+                         mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance)
     config.validate()
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")

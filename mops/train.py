@@ -9,7 +9,14 @@ Prompts on a frozen (pruned) model.
 3. Joint training: response-only LM loss, AdamW with two learning rates (experts, gate),
    gradient accumulation, accelerate for device placement and mixed precision,
    validation perplexity every ``eval_every`` steps, and a checkpoint every
-   ``checkpoint_every`` steps that ``resume=True`` continues from, exactly.
+   ``checkpoint_every`` steps that ``resume=True`` continues from, exactly. Each
+   micro-batch is packed into one sequence and the frozen layers below l run once per
+   example (:mod:`mops.lower_cache`); the loss and gradients are the padded batch's.
+   Options for routing: the gate held uniform for the first ``warm_steps`` (in
+   ``attention`` mode that trains one K*m prompt, then splits it into K experts), a
+   load-balancing term (``balance``, Switch Transformer's K * sum_k f_k P_k), SMoP's
+   router noise (drawn from (seed, step), so a resumed run draws the same), and a gate
+   kept as pretrained (``gate_lr = 0``).
 4. Optionally, gate snapshots (:mod:`mops.gate_analysis`) on held-out examples before
    training, after gate pretraining, midway and at the end.
 
@@ -41,6 +48,7 @@ from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
 from mops.gate_analysis import gate_snapshot
 from mops.injection import PromptedLM
+from mops.lower_cache import LowerStates, pooled_gate_inputs
 from mops.mixture import Mixture, MixtureConfig
 from mops.outputs import atomic_dir
 
@@ -54,7 +62,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 3e-2  # experts (and ATTEMPT's target prompt, or LoRA's tensors)
-    gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates
+    gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates; 0 keeps it as pretrained
     gate_pretrain_steps: int = 50
     gate_pretrain_lr: float = 1e-2
     gate_pretrain_examples: int = 512
@@ -64,6 +72,8 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     mixed_precision: str = "no"
+    warm_steps: int = 0  # steps with the gate held uniform before it routes
+    balance: float = 0.0  # weight of the load-balancing term
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "checkpoint_every",
@@ -72,11 +82,15 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive whole number")
         if self.max_len < 2:
             raise UserError(f"--max-len {self.max_len}: expected at least 2 tokens (one of prompt, one of response)")
-        if self.gate_pretrain_steps < 0:
-            raise UserError(f"--gate-pretrain-steps {self.gate_pretrain_steps}: expected 0 or more")
-        for name in ("lr", "gate_lr", "gate_pretrain_lr"):
+        for name in ("gate_pretrain_steps", "warm_steps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
+        for name in ("lr", "gate_pretrain_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive learning rate")
+        for name in ("gate_lr", "balance"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
 
@@ -135,23 +149,11 @@ class BatchOrder:
         return out
 
 
-@torch.no_grad()
-def pooled_gate_inputs(lm: PromptedLM, examples: list[EncodedExample], pad_id: int, batch_size: int = 8) -> torch.Tensor:
-    """Each example's pooled instruction states at the gate layer (one partial forward each)."""
-    device = next(lm.parameters()).device
-    pooled = []
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id, device)
-        _, states, _ = lm.lower(batch["input_ids"], batch["attention_mask"])
-        pooled.append(lm.mixture.gate.pool(states, batch["gate_mask"] & batch["attention_mask"].bool()))
-    return torch.cat(pooled)
-
-
 def pretrain_gate(lm: PromptedLM, examples: list[EncodedExample], targets: list[int], config: TrainConfig,
-                  pad_id: int, progress: bool) -> list[float]:
+                  progress: bool, lower: LowerStates | None = None) -> list[float]:
     """Fit the gate as a classifier, category -> expert, with the experts frozen."""
     gate = lm.mixture.gate
-    pooled = pooled_gate_inputs(lm, examples, pad_id)
+    pooled = pooled_gate_inputs(lm, examples, lower)
     y = torch.tensor(targets, device=pooled.device)
     experts = lm.mixture.experts().detach()
     opt = torch.optim.AdamW(gate.parameters(), lr=config.gate_pretrain_lr, weight_decay=0.0)
@@ -185,7 +187,8 @@ def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed
 
 
 def trainable_groups(lm: PromptedLM, config: TrainConfig, extra_params=()) -> list[dict]:
-    gate = [p for p in lm.mixture.gate.parameters() if p.requires_grad]
+    # gate_lr 0 keeps the gate as pretrained (it leaves the optimizer altogether)
+    gate = [p for p in lm.mixture.gate.parameters() if p.requires_grad] if config.gate_lr > 0 else []
     prompts = [p for n, p in lm.mixture.named_parameters() if not n.startswith("gate.")]
     groups = [{"params": prompts + list(extra_params), "lr": config.lr, "name": "experts"}]
     if gate:
@@ -243,7 +246,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             config: TrainConfig, checkpoint_dir=None, resume: bool = False, progress: bool = True,
             on_step: Callable[[int, dict], None] | None = None, device: str | None = None,
             source_prompts: list[torch.Tensor] = (), snapshot_records: list[InstructionRecord] = (),
-            extra_params=()) -> tuple[PromptedLM, dict]:
+            extra_params=(), lower: LowerStates | None = None) -> tuple[PromptedLM, dict]:
     """Train a mixture on ``splits['train']``; return the prompted model and the history.
 
     ``source_prompts`` (m x d each, e.g. from :func:`mops.adapter.read_source_prompt`)
@@ -252,6 +255,8 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     ``snapshot_records`` (held-out) get the gate's average weights per category into
     ``history["gate_snapshots"]`` before training, after gate pretraining, midway and at
     the end. ``extra_params`` are tensors inside the base (LoRA) that train too.
+    ``lower`` keeps the frozen lower layers' states; pass one to share it between runs on
+    the same base (the recovery study does, across methods).
     """
     from accelerate import Accelerator
 
@@ -261,14 +266,15 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         raise UserError("no training records")
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=(device or str(model.device)) == "cpu")
     model.to(accelerator.device)
-    pad_id = tokenizer.pad_token_id
     train = [encode_example(tokenizer, r, config.max_len) for r in train_records]
     val = stratified_subset(splits.get("validation", []), config.eval_examples, config.seed)
+    extra_params = list(extra_params)
+    # tensors that train inside the base (LoRA) would make stored lower states stale
+    lower = None if extra_params else (lower or LowerStates())
 
     def evaluate(prompted):
-        return response_perplexity(prompted, tokenizer, val, config.max_len, progress=False)
+        return response_perplexity(prompted, tokenizer, val, config.max_len, progress=False, lower=lower)
 
-    extra_params = list(extra_params)
     lm = build_mixture(model, tokenizer, train, mixture, config.seed, initialise=not resume, empty_ok=bool(extra_params))
     c = lm.mixture.config
     if extra_params and c.inject_layer != 0:
@@ -294,13 +300,13 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     records = snapshot_records if lm.mixture.needs_gate_states else []
     snapshot_examples = [encode_example(tokenizer, r, config.max_len) for r in records]
     # the gate's input comes from the frozen layers below g: pool it once, not once per snapshot
-    snapshot_pooled = pooled_gate_inputs(lm, snapshot_examples, pad_id) if snapshot_examples else None
+    snapshot_pooled = pooled_gate_inputs(lm, snapshot_examples, lower) if snapshot_examples else None
 
     def snapshot(label: str, at: int) -> None:
         if snapshot_examples:
             mixture = accelerator.unwrap_model(lm).mixture
             with torch.no_grad():
-                weights = mixture.gate.from_pooled(snapshot_pooled, mixture.experts()).float().cpu()
+                weights = mixture.weights_from_pooled(snapshot_pooled, len(snapshot_examples)).float().cpu()
             history.setdefault("gate_snapshots", []).append(gate_snapshot(snapshot_examples, weights, label, at))
 
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -315,7 +321,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             subset = stratified_subset(train_records, config.gate_pretrain_examples, config.seed)
             targets = category_targets(subset, c.n_experts)
             sub_examples = [encode_example(tokenizer, r, config.max_len) for r in subset]
-            history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, pad_id, progress)
+            history["gate_pretrain_loss"] = pretrain_gate(lm, sub_examples, targets, config, progress, lower)
             snapshot("after gate pretraining", 0)
         if val:
             history["validation"].append({"step": 0, **evaluate(lm)})
@@ -331,12 +337,11 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         optimizer.zero_grad()
         loss_sum = 0.0
         for micro in range(config.grad_accum):
-            batch = collate([train[i] for i in order.indices(step, micro)], pad_id, accelerator.device)
+            examples = [train[i] for i in order.indices(step, micro)]
             with accelerator.autocast():
-                out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"],
-                         return_logits=False)
+                out = training_loss(inner, examples, config, step, micro, lower)
             accelerator.backward(out.loss / config.grad_accum)
-            loss_sum += out.loss.item() / config.grad_accum
+            loss_sum += out.lm_loss / config.grad_accum
         optimizer.step()
         step += 1
         history["train_loss"].append(loss_sum)
@@ -358,3 +363,35 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     bar.close()
     history["train_seconds_this_run"] = time.perf_counter() - started
     return inner.eval(), history
+
+
+@dataclass
+class StepLoss:
+    loss: torch.Tensor  # what is minimised: the LM loss plus the balance term
+    lm_loss: float  # the response NLL alone, as history["train_loss"] records it
+
+
+def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainConfig, step: int, micro: int,
+                  lower: LowerStates | None) -> StepLoss:
+    """One micro-batch's loss, with the routing options of ``config`` and the mixture."""
+    mixture = lm.mixture
+    K, B = mixture.config.n_experts, len(examples)
+    device = mixture.experts.weight.device
+    uniform = torch.full((B, K), 1.0 / K, device=device) if step < config.warm_steps else None
+    noise = None
+    if mixture.config.router_noise and uniform is None:  # drawn from (seed, step), so a resume draws the same
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
+        noise = torch.randn(B, K, generator=gen).to(device)
+    out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise)
+    loss = out.loss
+    if config.balance and out.gate_probs is not None:
+        loss = loss + config.balance * balance_term(out.gate_probs, out.gate_weights)
+    return StepLoss(loss, out.loss.item())
+
+
+def balance_term(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer's load-balancing loss, K * sum_k f_k * P_k: f_k the share of inputs
+    whose largest weight is expert k, P_k the mean gate probability of k. 1 when balanced."""
+    K = probs.shape[1]
+    share = torch.nn.functional.one_hot(weights.argmax(1), K).float().mean(0)
+    return K * (share * probs.mean(0)).sum()

@@ -2,6 +2,7 @@
 and the benchmark grid saves every cell and skips finished ones on a rerun."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from mops.baselines import METHODS, Budget, mixture_for, prepare, trainable_count
+from mops.baselines import (METHODS, Budget, lora_equal_layout, lora_param_count, mixture_for, mixture_params,
+                            parse_method, prepare, trainable_count)
 from mops.data import load_records, split_records
 from mops.errors import UserError
+from mops.mixture import MixtureConfig
 from mops.eval.perplexity import response_perplexity
 from mops.models import load_model
 from mops.train import TrainConfig, recover
@@ -29,21 +32,53 @@ def small(**kw):
                           "max_len": 96, **kw})
 
 
-def test_same_budget_baselines_have_the_experts_parameter_count():
-    b = Budget(n_experts=4, prompt_len=10, gate_layer=9, inject_layer=9)
-    equal, mops = mixture_for("prompt-equal", b), mixture_for("mops", b)
-    assert equal.n_experts * equal.prompt_len == mops.n_experts * mops.prompt_len == 40
-    assert (equal.inject_layer, mops.inject_layer) == (9, 9)
-    assert mixture_for("prompt", b).inject_layer == 0 and mixture_for("prompt", b).prompt_len == 10
-    assert mixture_for("mops-attention", b).combine == "attention"
+def test_same_budget_baselines_have_the_mixtures_parameter_count(embedded_dir):
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(embedded_dir)  # the embedded model's shapes, no weights needed
+    d, L = config.hidden_size, config.num_hidden_layers
+    for mops in (MixtureConfig(4, 10, "mops", "attention", 9, 9, 128), MixtureConfig(4, 10, "mops", "interpolate", 9, 9, 0),
+                 MixtureConfig(8, 5, "mops", "attention", 9, 9, 16, top_k=1)):
+        b = Budget(mops)
+        budget = mixture_params(mops, d, L)
+        equal = mixture_for("prompt-equal", b, d, L)
+        assert equal.n_experts == 1 and (equal.gate_layer, equal.inject_layer) == (9, 9)
+        assert budget <= mixture_params(equal, d, L) < budget + d  # the whole mixture's size, gate included
+        layout = lora_equal_layout(config, budget)
+        assert abs(layout.params - budget) <= 0.10 * budget
+        assert layout.params == lora_param_count(config, layout.rank, layout.targets, len(layout.layers))
+    assert mixture_for("prompt", Budget(), d, L).inject_layer == 0 and mixture_for("prompt", Budget(), d, L).prompt_len == 20
     with pytest.raises(UserError, match="method 'adapter'"):
-        mixture_for("adapter", b)
+        parse_method("adapter")
 
 
-@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("none", "lora")])
+def test_a_lora_equal_model_trains_as_many_parameters_as_its_layout_says(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    b = Budget(MixtureConfig(2, 3, "mops", gate_layer=1, gate_hidden=4))
+    mixture, extra, about = prepare("lora-equal", model, b)
+    layout = lora_equal_layout(model.config, mixture_params(b.mops, 64, 2))
+    assert sum(p.numel() for p in extra) == layout.params
+    assert abs(layout.params - mixture_params(b.mops, 64, 2)) <= 0.10 * mixture_params(b.mops, 64, 2)
+    lora_layers = {int(n.split(".")[2]) for n, _ in model.named_parameters() if "lora_" in n}
+    assert lora_layers == set(about["lora"]["layers"])
+    lm, history = recover(model, tok, splits, mixture, small(lr=1e-2), progress=False, extra_params=extra)
+    assert trainable_count(lm, extra) == layout.params
+
+
+def test_method_overrides_reach_the_mixture_and_the_training_and_bad_ones_are_refused():
+    spec = parse_method("mops:top_k=1,combine=interpolate,gate_hidden=0,lr=1.0,warm_steps=5")
+    assert spec.mixture == {"top_k": 1, "combine": "interpolate", "gate_hidden": 0}
+    assert spec.training == {"lr": 1.0, "warm_steps": 5}
+    for bad, message in [("mops:top_k", "not key=value"), ("mops:colour=red", "not key=value"),
+                         ("mops:top_k=one", "top_k='one' is not a whole number"), ("lora:top_k=1", "lora has no mixture")]:
+        with pytest.raises(UserError, match=message):
+            parse_method(bad)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in ("none", "lora", "lora-equal")])
 def test_every_prompt_method_trains_in_the_one_trainer(tiny_dir, splits, method):
     model, tok = load_model(tiny_dir)
-    mixture, extra = prepare(method, model, Budget(2, 3))
+    mixture, extra, _ = prepare(method, model, Budget(MixtureConfig(2, 3, gate_layer=1)))
     lm, history = recover(model, tok, splits, mixture, small(), progress=False, extra_params=extra)
     assert len(history["train_loss"]) == 3 and all(torch.isfinite(torch.tensor(history["train_loss"])))
     assert extra == [] and trainable_count(lm) == sum(p.numel() for p in lm.mixture.parameters())
@@ -57,7 +92,7 @@ def test_lora_trains_its_tensors_only_and_the_sparse_base_stays_as_it_was(tiny_d
                 p.mul_((torch.arange(p.numel()).reshape(p.shape) % 2).to(p.dtype))
     base = {n: p.clone() for n, p in model.named_parameters()}
     before = response_perplexity(model, tok, splits["test"][:8], max_len=96, progress=False)["ppl"]
-    mixture, extra = prepare("lora", model, Budget(lora_rank=4))
+    mixture, extra, _ = prepare("lora", model, Budget(lora_rank=4))
     # LoRA's B starts at zero: the wrapped model scores exactly like the base
     assert response_perplexity(model, tok, splits["test"][:8], max_len=96, progress=False)["ppl"] == pytest.approx(before)
     lora_before = [p.clone() for p in extra]
@@ -71,18 +106,23 @@ def test_lora_trains_its_tensors_only_and_the_sparse_base_stays_as_it_was(tiny_d
 
 def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny_dir):
     argv = [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
-            "--settings", "2:4", "--methods", "none", "prompt", "mops", "--limit-per-source", "40", "--steps", "2",
+            "--settings", "2:4", "--methods", "none", "prompt", "mops", "--seeds", "0", "1", "--limit-per-source", "40",
+            "--steps", "2",
             "--batch-size", "2", "--max-len", "96", "--test-examples", "16", "--gate-pretrain-examples", "16",
             "--gate-pretrain-steps", "3", "--prune-method", "magnitude", "--work-dir", str(tmp_path / "work"),
             "--out-dir", str(tmp_path / "out")]
     first = subprocess.run(argv, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     results = json.loads((tmp_path / "out" / "recovery_t.json").read_text())
-    assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt", "2:4/mops"}
-    mops = results["cells"]["2:4/mops"]
+    assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt/seed0", "2:4/prompt/seed1", "2:4/mops/seed0",
+                                     "2:4/mops/seed1"}
+    mops = results["cells"]["2:4/mops/seed0"]
     assert [s["label"] for s in mops["gate_snapshots"]][-1] == "end of training"
-    assert (tmp_path / "out" / "recovery_t_gates" / "2of4_mops.png").is_file()
-    assert "| 2:4 |" in (tmp_path / "out" / "recovery_t.md").read_text()
+    assert mops["train_loss"] != results["cells"]["2:4/mops/seed1"]["train_loss"]  # the seeds train differently
+    assert mops["per_example"]["tokens"] == results["cells"]["2:4/none"]["per_example"]["tokens"]  # same test set
+    assert (tmp_path / "out" / "recovery_t_gates" / "2of4_mops_seed0.png").is_file()
+    table = (tmp_path / "out" / "recovery_t.md").read_text()
+    assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| [+-]\d+\.\d% \[", table)
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)
@@ -92,7 +132,8 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
 def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
     def argv(setting):
         return [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
-                "--settings", setting, "--methods", "none", "prompt", "--limit-per-source", "40", "--steps", "2",
+                "--settings", setting, "--methods", "none", "prompt", "--seeds", "0", "--limit-per-source", "40",
+                "--steps", "2",
                 "--batch-size", "2", "--max-len", "96", "--test-examples", "16", "--prune-method", "magnitude",
                 "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")]
 
@@ -101,12 +142,13 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
         _, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
     results = json.loads((tmp_path / "out" / "recovery_t.json").read_text())
-    assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt", "4:8/none", "4:8/prompt"}
+    assert set(results["cells"]) == {"dense", "2:4/none", "2:4/prompt/seed0", "4:8/none", "4:8/prompt/seed0"}
     table = (tmp_path / "out" / "recovery_t.md").read_text()
     assert "| 2:4 |" in table and "| 4:8 |" in table  # the last run redrew the outputs with both runs' cells
 
 
-@pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"]])
+@pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"], ["--methods", "mops:top_k=x"],
+                                  ["--test-examples", "0"]])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
                          capture_output=True, text=True)

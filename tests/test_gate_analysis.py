@@ -11,7 +11,8 @@ from mops.gate_analysis import HEATMAP_PNG, SNAPSHOTS_JSON, gate_snapshot, gate_
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
 from mops.models import load_model
-from mops.train import TrainConfig, category_targets, pooled_gate_inputs, recover
+from mops.lower_cache import pooled_gate_inputs
+from mops.train import TrainConfig, category_targets, recover
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +26,18 @@ def test_a_snapshot_averages_the_gates_own_weights_per_category(tiny_dir, splits
     lm = PromptedLM(model, Mixture(MixtureConfig(3, 2, "mops", gate_layer=1, inject_layer=1).resolved(2), 64))
     records = splits["validation"]
     examples = [encode_example(tok, r, 96) for r in records]
-    snap = gate_snapshot(examples, gate_weights(lm, examples, tok.pad_token_id), "before training", 0)
+    snap = gate_snapshot(examples, gate_weights(lm, examples), "before training", 0)
     # independently: the gate on the pooled instruction states, one example at a time
     expected = {}
     for e in examples:
-        pooled = pooled_gate_inputs(lm, [e], tok.pad_token_id)
+        pooled = pooled_gate_inputs(lm, [e])
         expected.setdefault(e.category, []).append(lm.mixture.gate.from_pooled(pooled, lm.mixture.experts())[0])
     assert snap["categories"] == sorted(expected)
     assert snap["counts"] == [len(expected[c]) for c in snap["categories"]]
     for c, row in zip(snap["categories"], snap["weights"]):
         assert torch.allclose(torch.tensor(row), torch.stack(expected[c]).mean(0), atol=1e-5)
         assert abs(sum(row) - 1) < 1e-5
-    assert gate_weights(lm, examples, tok.pad_token_id).shape == (len(examples), 3)
+    assert gate_weights(lm, examples).shape == (len(examples), 3)
 
 
 @pytest.mark.parametrize("gate", ["mops", "attempt"])
@@ -52,7 +53,7 @@ def test_training_takes_the_four_snapshots_and_the_files_hold_the_same_numbers(t
     assert snaps[0]["weights"] != snaps[1]["weights"]  # pretraining moved the gate
     # the last snapshot is the trained gate's own weights, recomputed from scratch
     examples = [encode_example(tok, r, 96) for r in splits["test"]]
-    final = gate_snapshot(examples, gate_weights(lm, examples, tok.pad_token_id), "end of training", 4)
+    final = gate_snapshot(examples, gate_weights(lm, examples), "end of training", 4)
     assert torch.allclose(torch.tensor(final["weights"]), torch.tensor(snaps[-1]["weights"]), atol=1e-5)
     save_gate_analysis(tmp_path, snaps)
     assert json.loads((tmp_path / SNAPSHOTS_JSON).read_text()) == snaps
@@ -80,7 +81,7 @@ def test_a_category_pretrained_gate_routes_each_held_out_category_to_its_expert(
     lm, history = recover(model, tok, {"train": splits["train"]}, MixtureConfig(K, 1, "mops", gate_layer=3),
                           config, progress=False, snapshot_records=held)
     targets = torch.tensor(category_targets(held, K))
-    weights = gate_weights(lm, [encode_example(tok, r, 64) for r in held], tok.pad_token_id)
+    weights = gate_weights(lm, [encode_example(tok, r, 64) for r in held])
     snap = next(s for s in history["gate_snapshots"] if s["label"] == "after gate pretraining")
     for i, category in enumerate(snap["categories"]):
         rows = torch.tensor([r.category == category for r in held])

@@ -122,9 +122,17 @@ def test_max_length_leaves_room_for_the_prompt(tiny_dir, gated_adapter):
 
 
 def gate_calls(lm: MopsLM) -> list[torch.Tensor]:
-    """Every gate output of the real model, recorded by a forward hook."""
+    """Every gate output of the real model, recorded as the mixture computes it."""
     seen = []
-    lm.prompted.mixture.gate.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    mixture = lm.prompted.mixture
+    compute = mixture.weights_from_pooled
+
+    def recorded(pooled, batch):
+        out = compute(pooled, batch)
+        seen.append(out.detach().clone())
+        return out
+
+    mixture.weights_from_pooled = recorded
     return seen
 
 

@@ -12,7 +12,8 @@ from mops.errors import UserError
 from mops.mixture import MixtureConfig
 from mops.models import load_model
 from mops.recover_cli import checkpoint_dir_for, entry
-from mops.train import TrainConfig, pooled_gate_inputs, category_targets, recover
+from mops.lower_cache import pooled_gate_inputs
+from mops.train import TrainConfig, category_targets, recover
 from mops.data import encode_example
 
 
@@ -103,7 +104,7 @@ def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, sp
     targets = category_targets(test, K)  # same sorted categories as training: all 16 appear in both
     examples = [encode_example(tok, r, 96) for r in test]
     with torch.no_grad():
-        weights = lm.mixture.gate.from_pooled(pooled_gate_inputs(lm, examples, tok.pad_token_id), lm.mixture.experts())
+        weights = lm.mixture.gate.from_pooled(pooled_gate_inputs(lm, examples), lm.mixture.experts())
     hits = (weights.argmax(1) == torch.tensor(targets)).float().mean().item()
     assert hits > 2 / K  # chance is 1/K
 

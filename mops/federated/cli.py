@@ -50,7 +50,7 @@ def config_from_args(args) -> FederatedConfig:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")
     mixture = MixtureConfig(n_experts=args.experts, prompt_len=args.prompt_len, gate=args.gate, combine=args.combine,
                             gate_layer=args.gate_layer, inject_layer=args.inject_layer, gate_hidden=args.gate_hidden,
-                            temperature=args.temperature)
+                            temperature=args.temperature, top_k=args.top_k, router_noise=args.router_noise)
     train = TrainConfig(batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, gate_lr=args.gate_lr,
                         gate_pretrain_steps=args.gate_pretrain_steps, gate_pretrain_lr=args.gate_pretrain_lr,
                         gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len, eval_examples=args.eval_examples, seed=args.seed,

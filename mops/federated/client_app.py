@@ -75,7 +75,7 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         subset = stratified_subset(records, tc.gate_pretrain_examples, config.seed)
         targets = expert_targets(subset, categories(config), lm.mixture.config.n_experts)
         sub_examples = [encode_example(tokenizer, r, tc.max_len) for r in subset]
-        losses = pretrain_gate(lm, sub_examples, targets, tc, pad_id, progress=False)
+        losses = pretrain_gate(lm, sub_examples, targets, tc, progress=False)
         report["gate-pretrain-loss"] = losses[-1]
     anchor = {n: p.detach().clone() for n, p in lm.mixture.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable_groups(lm, tc), weight_decay=0.0)
