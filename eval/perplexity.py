@@ -65,14 +65,18 @@ def response_perplexity(model, tokenizer, records, max_len: int = RESPONSE_MAX_L
                         progress: bool = True, lower=None, pack_tokens: int = 1024) -> dict:
     """Perplexity of the responses given their prompts; overall, per category, and per example.
 
-    ``model`` is a Hugging Face causal LM (padded batches of ``batch_size``) or a prompted
-    model (``mops.injection.PromptedLM``, whose gate then sees the instruction tokens only:
-    examples packed up to ``pack_tokens`` tokens, the lower layers from ``lower``, a
-    :class:`mops.lower_cache.LowerStates`, when given). ``per_example`` holds each record's
-    summed NLL and response tokens, in the order of ``records``, for paired bootstraps.
+    ``model`` is a prompted model (``mops.injection.PromptedLM``, whose gate then sees the
+    instruction tokens only) or a Llama-family causal LM, scored through a bare
+    ``PromptedLM`` (the same logits; the head only on response tokens). Examples are packed
+    up to ``pack_tokens`` tokens; ``lower`` (a :class:`mops.lower_cache.LowerStates`)
+    supplies the frozen lower layers when given. Other causal LMs run in padded batches of
+    ``batch_size``. ``per_example`` holds each record's summed NLL and response tokens, in
+    the order of ``records``, for paired bootstraps.
     """
     if not records:
         raise UserError("response perplexity needs at least one record")
+    if not isinstance(model, PromptedLM) and _llama_family(model):
+        model = PromptedLM.bare(model)
     examples = [encode_example(tokenizer, r, max_len) for r in records]
     # Similar lengths together: less padding (or smaller packs), fewer wasted FLOPs on a CPU.
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
@@ -95,6 +99,12 @@ def response_perplexity(model, tokenizer, records, max_len: int = RESPONSE_MAX_L
         "max_len": max_len,
         "per_example": {"nll": nll, "tokens": tokens},
     }
+
+
+def _llama_family(model) -> bool:
+    inner = getattr(model, "model", None)
+    return all(hasattr(inner, part) for part in ("layers", "embed_tokens", "norm", "rotary_emb")) and \
+        hasattr(model, "lm_head") and getattr(model.config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
 
 
 def _batches(order, examples, model, batch_size: int, pack_tokens: int):

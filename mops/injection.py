@@ -35,7 +35,7 @@ from torch import nn
 from mops.data import EncodedExample
 from mops.errors import UserError
 from mops.lower_cache import pool_gate_states
-from mops.mixture import Mixture
+from mops.mixture import Mixture, MixtureConfig
 from mops.packing import Packing, packed
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
@@ -92,17 +92,25 @@ def prompt_rows_mask(n_prefix: int, keys: torch.Tensor, additive: bool, dtype: t
 class PromptedLM(nn.Module):
     """``base`` (frozen, untouched) + ``mixture`` injected at ``inject_layer``."""
 
-    def __init__(self, base, mixture: Mixture):
+    def __init__(self, base, mixture: Mixture, freeze: bool = True):
         super().__init__()
         impl = getattr(base.config, "_attn_implementation", "sdpa") or "sdpa"
         if impl not in SUPPORTED_ATTENTION:
             raise UserError(f"attention implementation {impl!r}: prompts need one of {', '.join(SUPPORTED_ATTENTION)}")
         self.base = base
         self.mixture = mixture
-        for p in base.parameters():
-            p.requires_grad_(False)
+        if freeze:
+            for p in base.parameters():
+                p.requires_grad_(False)
         c = mixture.config
         self.gate_layer, self.inject_layer = c.gate_layer, c.inject_layer
+
+    @classmethod
+    def bare(cls, base) -> "PromptedLM":
+        """``base`` as it is, with no prompt (its logits are the base's, bitwise), in the
+        packed path; the base's parameters are left as they are."""
+        config = MixtureConfig(1, 0, "uniform", gate_layer=0, inject_layer=0).resolved(base.config.num_hidden_layers)
+        return cls(base, Mixture(config, base.config.hidden_size).to(base.device), freeze=False)
 
     # ------------------------------------------------------------------ pieces
     @property

@@ -335,16 +335,18 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     started = time.perf_counter()
     while step < config.steps:
         optimizer.zero_grad()
-        loss_sum = 0.0
+        loss_sum, usage = 0.0, []
         for micro in range(config.grad_accum):
             examples = [train[i] for i in order.indices(step, micro)]
             with accelerator.autocast():
                 out = training_loss(inner, examples, config, step, micro, lower)
             accelerator.backward(out.loss / config.grad_accum)
             loss_sum += out.lm_loss / config.grad_accum
+            usage.append(out.usage)
         optimizer.step()
         step += 1
         history["train_loss"].append(loss_sum)
+        history.setdefault("expert_usage", []).append([sum(u) / len(usage) for u in zip(*usage)])
         postfix = {"loss": f"{loss_sum:.3f}"}
         if val and (step % config.eval_every == 0 or step == config.steps):
             history["validation"].append({"step": step, **evaluate(inner)})
@@ -369,6 +371,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
 class StepLoss:
     loss: torch.Tensor  # what is minimised: the LM loss plus the balance term
     lm_loss: float  # the response NLL alone, as history["train_loss"] records it
+    usage: list[float]  # the batch's mean routed weight on each expert
 
 
 def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainConfig, step: int, micro: int,
@@ -386,7 +389,7 @@ def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainC
     loss = out.loss
     if config.balance and out.gate_probs is not None:
         loss = loss + config.balance * balance_term(out.gate_probs, out.gate_weights)
-    return StepLoss(loss, out.loss.item())
+    return StepLoss(loss, out.loss.item(), out.gate_weights.detach().float().mean(0).tolist())
 
 
 def balance_term(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
