@@ -40,7 +40,7 @@ COMBINES = ("interpolate", "attention")
 @dataclass
 class MixtureConfig:
     n_experts: int = 4
-    prompt_len: int = 20
+    prompt_len: int = 10
     gate: str = "mops"
     combine: str = "interpolate"
     gate_layer: int | None = None  # None: round(0.3 * L)

@@ -19,8 +19,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "mops_packed"
 
@@ -81,6 +79,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
                      packing: Packing | None = None, block_masks=None, **kwargs):
     """transformers' attention signature; ``packing`` (and its ``block_masks``) arrive through
     the decoder layers' keyword arguments. Query, key and value are 1 x heads x N x d."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -94,13 +94,14 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     return torch.cat(outputs, dim=1), None
 
 
-AttentionInterface.register(NAME, packed_attention)
-
-
 @contextlib.contextmanager
 def packed(config):
     """The model attends with :func:`packed_attention` inside the block (the attention
-    modules read ``config._attn_implementation`` at every call)."""
+    modules read ``config._attn_implementation`` at every call). Registered here, at first
+    use, so that importing the toolkit stays light (transformers' integrations import Triton)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, packed_attention)
     previous = config._attn_implementation
     config._attn_implementation = NAME
     try:

@@ -47,7 +47,7 @@ def test_same_budget_baselines_have_the_mixtures_parameter_count(embedded_dir):
         layout = lora_equal_layout(config, budget)
         assert abs(layout.params - budget) <= 0.10 * budget
         assert layout.params == lora_param_count(config, layout.rank, layout.targets, len(layout.layers))
-    assert mixture_for("prompt", Budget(), d, L).inject_layer == 0 and mixture_for("prompt", Budget(), d, L).prompt_len == 20
+    assert mixture_for("prompt", Budget(), d, L).inject_layer == 0 and mixture_for("prompt", Budget(), d, L).prompt_len == 10
     with pytest.raises(UserError, match="method 'adapter'"):
         parse_method("adapter")
 

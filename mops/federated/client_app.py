@@ -35,15 +35,16 @@ from mops.federated.common import (
     client_partitions,
     load_trainable,
     log,
+    process_lower_states,
     trainable_state,
 )
 from mops.federated.config import CONFIG_KEY, FederatedConfig
 from mops.train import (
     BatchOrder,
     build_mixture,
-    collate,
     pretrain_gate,
     trainable_groups,
+    training_loss,
 )
 
 
@@ -64,9 +65,9 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
     trainable tensors and what to report (examples, losses, seconds)."""
     started = time.perf_counter()
     model, tokenizer, _ = cached_base(config.base, config.device)
+    lower = process_lower_states()  # this process's store: a client's examples come back every round
     records = client_partitions(config)[partition_id]
     tc = config.train_config()
-    pad_id = tokenizer.pad_token_id
     examples = [encode_example(tokenizer, r, tc.max_len) for r in records]
     lm = build_mixture(model, tokenizer, examples, config.mixture_config(), config.seed, initialise=False)
     load_trainable(lm.mixture, global_state)
@@ -75,26 +76,25 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         subset = stratified_subset(records, tc.gate_pretrain_examples, config.seed)
         targets = expert_targets(subset, categories(config), lm.mixture.config.n_experts)
         sub_examples = [encode_example(tokenizer, r, tc.max_len) for r in subset]
-        losses = pretrain_gate(lm, sub_examples, targets, tc, progress=False)
+        losses = pretrain_gate(lm, sub_examples, targets, tc, progress=False, lower=lower)
         report["gate-pretrain-loss"] = losses[-1]
     anchor = {n: p.detach().clone() for n, p in lm.mixture.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable_groups(lm, tc), weight_decay=0.0)
     order = BatchOrder(len(examples), tc.batch_size, tc.grad_accum, round_seed(config.seed, partition_id, server_round))
-    device = next(model.parameters()).device
-    lm.train()
     losses = []
     for step in range(config.local_steps):
         optimizer.zero_grad()
         loss_sum = 0.0
         for micro in range(tc.grad_accum):
-            batch = collate([examples[i] for i in order.indices(step, micro)], pad_id, device)
-            out = lm(batch["input_ids"], batch["attention_mask"], batch["gate_mask"], batch["labels"], return_logits=False)
+            batch = [examples[i] for i in order.indices(step, micro)]
+            # the run's step count (rounds before this one included): warm-up and router noise follow it
+            out = training_loss(lm, batch, tc, (server_round - 1) * config.local_steps + step, micro, lower)
             loss = out.loss
             if proximal_mu > 0:
                 params = dict(lm.mixture.named_parameters())
                 loss = loss + proximal_mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
             (loss / tc.grad_accum).backward()
-            loss_sum += out.loss.item() / tc.grad_accum
+            loss_sum += out.lm_loss / tc.grad_accum
         optimizer.step()
         losses.append(loss_sum)
     report.update({"train-loss-first": losses[0], "train-loss": sum(losses) / len(losses),

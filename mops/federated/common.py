@@ -30,6 +30,15 @@ def cached_base(spec: str, device: str = "cpu"):
     return model, tokenizer, weights_hash(model)
 
 
+@lru_cache(maxsize=1)
+def process_lower_states():
+    """One store of the frozen lower layers' states per process (server or client): the
+    same examples are trained on or scored every round."""
+    from mops.lower_cache import LowerStates
+
+    return LowerStates()
+
+
 @lru_cache(maxsize=4)
 def _splits(data: tuple[str, ...], limit_per_source: int | None, seed: int) -> dict[str, list[InstructionRecord]]:
     return split_records(load_records(list(data), limit_per_source, seed), seed)

@@ -42,6 +42,7 @@ from mops.federated.common import (
     load_splits,
     load_trainable,
     log,
+    process_lower_states,
     trainable_state,
 )
 from mops.federated.config import CONFIG_KEY, FederatedConfig
@@ -110,7 +111,8 @@ class FederatedServer:
 
     def _evaluate(self, lm, arrays: ArrayRecord, records, max_len) -> dict:
         load_trainable(lm.mixture, dict(arrays.to_torch_state_dict()))
-        return response_perplexity(lm.eval(), self.tokenizer, records, max_len, progress=False)
+        return response_perplexity(lm.eval(), self.tokenizer, records, max_len, progress=False,
+                                   lower=process_lower_states())
 
     def _hello(self, grid: Grid, base_hash: str) -> dict[int, int]:
         """Ask every connected node for its partition id (and so load every client's base up front)."""
