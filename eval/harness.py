@@ -41,13 +41,8 @@ MODEL_NAME = "mops"
 
 
 def prompt_positions(lm: PromptedLM | None) -> int:
-    """Positions the prompt occupies in front of the input: m, or K*m in ``attention`` mode."""
-    if lm is None:
-        return 0
-    c = lm.mixture.config
-    if c.combine == "attention":
-        return (c.n_experts + (1 if c.gate == "attempt" else 0)) * c.prompt_len
-    return c.prompt_len
+    """Positions the prompt occupies in front of the input (0 without an adapter)."""
+    return 0 if lm is None else lm.mixture.prompt_positions
 
 
 def window(context: list[int], continuation: list[int], max_length: int) -> tuple[list[int], int]:

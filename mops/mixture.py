@@ -110,6 +110,13 @@ class Mixture(nn.Module):
         return not isinstance(self.gate, UniformGate)
 
     @property
+    def prompt_positions(self) -> int:
+        """Positions the prompt occupies in front of every input: m, or K*m (plus ATTEMPT's
+        target prompt) in ``attention`` mode; what a request's prefill pays for."""
+        c = self.config
+        return (c.n_prompts if c.combine == "attention" else 1) * c.prompt_len
+
+    @property
     def shared_prompt(self) -> bool:
         """Whether every input gets the same prompt vectors (only the attention bias may differ)."""
         return self.config.combine == "attention" or isinstance(self.gate, UniformGate)

@@ -138,3 +138,12 @@ def test_top_k_of_all_experts_is_soft_routing_and_top_1_keeps_one_weight(tiny64,
     assert ((c.gate_weights > 0).sum(1) == 1).all()
     torch.testing.assert_close(c.gate_weights.max(1).values, a.gate_weights.max(1).values)  # not renormalised
     assert all(g.abs().sum() > 0 for g in grads(top1, c.loss))  # the router still learns through its weight
+
+
+@pytest.mark.parametrize("kw", MIXTURES, ids=lambda kw: f"{kw['gate']}-{kw.get('combine', '')}-g{kw['gate_layer']}")
+def test_prompt_positions_are_the_positions_the_mixture_prepends(tiny64, kw):
+    model, _ = tiny64
+    mixture = prompted(model, **kw).mixture
+    K = mixture.config.n_experts
+    prompt, _ = mixture(torch.full((2, K), 1 / K))
+    assert mixture.prompt_positions == prompt.shape[1]
