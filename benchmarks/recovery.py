@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
 import re
 import sys
 import time
@@ -44,12 +43,12 @@ from mops.baselines import METHODS, SAME_BUDGET, Budget, parse_method, prepare, 
 from mops.cli_common import run_cli, setup_logging
 from mops.data import format_prompt, load_records, split_records, stratified_subset
 from mops.errors import UserError
-from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, verdict
+from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, recovered_share, verdict
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.gate_analysis import draw_heatmaps
 from mops.injection import PromptedLM
 from mops.lower_cache import LowerStates
-from mops.mixture import Mixture, MixtureConfig
+from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
 from mops.outputs import library_versions, write_json_atomic
 from mops.prune import PruneConfig
@@ -132,11 +131,6 @@ def results_lock(out_json: Path):
         yield
 
 
-def recovered_share(dense: float, pruned: float, method: float) -> float:
-    """(log ppl_pruned - log ppl_method) / (log ppl_pruned - log ppl_dense): 1 is all of the damage."""
-    return (math.log(pruned) - math.log(method)) / (math.log(pruned) - math.log(dense))
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(quiet=True)
@@ -207,7 +201,7 @@ def main(argv=None) -> None:
             cell = {"setting": setting, "method": spec.spec, "seed": seed, "sparsity": sparsity}
             if spec.name == "none":
                 cell.update(cell_scores(response_perplexity(model, tok, test, progress=False)), trainable_params=0,
-                            positions_added=0, prefill_tokens_per_s=prefill_rate(empty_prompted(model), tok, test))
+                            positions_added=0, prefill_tokens_per_s=prefill_rate(PromptedLM.bare(model), tok, test))
             else:
                 cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower))
             cell["seconds"] = time.perf_counter() - started
@@ -221,6 +215,7 @@ def cell_key(setting: str, spec: str, seed: int | None) -> str:
 
 
 def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates) -> dict:
+    torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
     mixture, extra, about = prepare(spec, model, budget)
     lora = spec.name in ("lora", "lora-equal")
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lora_lr if lora else args.lr,
@@ -241,7 +236,7 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
         "mixture": asdict(lm.mixture.config),
         "training": asdict(config),
         **about,
-        "positions_added": positions_added(lm.mixture),
+        "positions_added": lm.mixture.prompt_positions,
         "prefill_tokens_per_s": prefill_rate(lm, tok, test),
         "train_loss": history["train_loss"],
         "gate_snapshots": history.get("gate_snapshots"),
@@ -251,17 +246,6 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
 def cell_scores(result: dict) -> dict:
     return {"ppl": result["ppl"], "per_category": result["per_category"], "test_tokens": result["tokens"],
             "test_examples": result["examples"], "per_example": result["per_example"]}
-
-
-def positions_added(mixture: Mixture) -> int:
-    """Prompt positions prepended to every request (0 for LoRA)."""
-    prompt, _ = mixture(torch.full((1, mixture.config.n_experts), 1 / mixture.config.n_experts))
-    return prompt.shape[1]
-
-
-def empty_prompted(model) -> PromptedLM:
-    return PromptedLM(model, Mixture(MixtureConfig(1, 0, "uniform", gate_layer=0, inject_layer=0).resolved(
-        model.config.num_hidden_layers), model.config.hidden_size))
 
 
 @torch.no_grad()
@@ -371,7 +355,8 @@ def markdown(results: dict, stem: str) -> str:
         row = []
         for m in methods:
             got = summary(cells, s, m)
-            share = f" ({100 * recovered_share(dense_ppl, pruned['ppl'], got['ppl']):.0f}%)" if got and pruned and dense else ""
+            value = recovered_share(dense_ppl, pruned["ppl"], got["ppl"]) if got and pruned and dense else None
+            share = "" if value is None else f" ({100 * value:.0f}%)"
             row.append(f"{got['ppl']:.2f}{share}" if got else "")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     lines += ["", "## MoPs against each baseline",

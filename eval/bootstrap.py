@@ -1,4 +1,5 @@
-"""Paired bootstrap intervals for "method A against method B" on the same held-out examples.
+"""Measuring a recovery claim (METHOD.md): the share of the pruning damage a method recovers,
+and paired bootstrap intervals for "method A against method B" on the same held-out examples.
 
 METHOD.md, "Measuring a recovery claim": resample the test *examples* with replacement,
 the same resample for both methods, recompute both token-weighted perplexities
@@ -54,6 +55,13 @@ def verdict(result: dict) -> str:
     if result["low"] > 0:
         return "higher"
     return "tie"
+
+
+def recovered_share(dense: float, pruned: float, method: float) -> float | None:
+    """(log ppl_pruned - log ppl_method) / (log ppl_pruned - log ppl_dense): 0 is the pruned
+    model, 1 the dense one; None when pruning did no damage to recover."""
+    damage = np.log(pruned) - np.log(dense)
+    return None if damage <= 0 else float((np.log(pruned) - np.log(method)) / damage)
 
 
 def format_delta(result: dict) -> str:

@@ -43,20 +43,20 @@ def wikitext_perplexity(model, tokenizer, seq_len: int = 2048, max_windows: int 
         raise UserError(f"seq_len {seq_len}: longer than the {ids.numel()} tokens of WikiText-2 {split}")
     used = n_windows if max_windows is None else min(max_windows, n_windows)
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    per_window = []  # each window's summed NLL: the windows can be resampled for an interval
     for w in tqdm(range(used), desc="wikitext2 ppl", disable=not progress, leave=False):
         window = ids[w * seq_len : (w + 1) * seq_len].unsqueeze(0).to(device)
-        nll = token_nll(model, window, None, window)
-        total += nll.sum().item()
-        count += seq_len - 1
+        per_window.append(token_nll(model, window, None, window).sum().item())
+    count = used * (seq_len - 1)
     return {
-        "ppl": math.exp(total / count),
+        "ppl": math.exp(sum(per_window) / count),
         "protocol": f"WikiText-2 raw {split}, rows joined by \\n\\n, non-overlapping {seq_len}-token windows, "
         f"first {used} of {n_windows} windows, token-level mean NLL",
         "seq_len": seq_len,
         "windows": used,
         "windows_total": n_windows,
         "tokens": count,
+        "per_window": per_window,
     }
 
 

@@ -8,7 +8,6 @@ trained on (a dense and a pruned checkpoint are different bases).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -20,24 +19,12 @@ from mops.errors import UserError
 from mops.gate_analysis import save_gate_analysis
 from mops.injection import PromptedLM
 from mops.mixture import Mixture, MixtureConfig
+from mops.models import weights_hash  # noqa: F401 (also imported from here)
 from mops.outputs import atomic_dir
 
 CONFIG_NAME = "mops_config.json"
 WEIGHTS_NAME = "mops_model.safetensors"
 FORMAT = "mops-adapter/1"
-
-
-def weights_hash(model) -> str:
-    """SHA-256 over every parameter and buffer of the base, by name, in a fixed order."""
-    digest = hashlib.sha256()
-    seen = set()
-    for name, tensor in sorted(model.state_dict().items()):
-        if tensor.data_ptr() in seen:  # tied weights count once
-            continue
-        seen.add(tensor.data_ptr())
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def save_adapter(lm: PromptedLM, out, *, base_name: str, base_hash: str | None = None, extra: dict | None = None,

@@ -1,4 +1,5 @@
-"""What every command line shares: logging and one-line errors."""
+"""What every command line shares: logging, one-line errors, and summary lines that more than one
+command prints (kept here so the commands never import each other)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,9 @@ def run_cli(main, argv=None) -> int:
         print(f"{prog}: interrupted; nothing was written", file=sys.stderr)
         return 130
     return 0
+
+
+def held_out_line(t: dict) -> str:
+    """The held-out line both the centralized and the federated ``mops-recover`` summaries end with."""
+    return (f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
+            f"with adapter {t['adapter']['ppl']:.2f}")

@@ -24,6 +24,7 @@ import weakref
 import torch
 
 from mops.data import EncodedExample
+from mops.models import weights_hash
 
 
 def pool_gate_states(lm, examples: list[EncodedExample], gate_states: list[torch.Tensor | None]) -> torch.Tensor | None:
@@ -59,8 +60,6 @@ class LowerStates:
         layers = (lm.inject_layer, g)
         if self._seen and self._seen[0]() is lm.base and self._seen[1:] == layers:
             return
-        from mops.adapter import weights_hash
-
         owner = (weights_hash(lm.base), *layers)
         if owner != self._owner:
             self._owner, self._store, self.bytes = owner, {}, 0

@@ -186,3 +186,16 @@ def check_device(device: str) -> None:
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder blocks of a Llama-family causal LM."""
     return model.model.layers
+
+
+def weights_hash(model) -> str:
+    """SHA-256 over every parameter and buffer of the base, by name, in a fixed order."""
+    digest = hashlib.sha256()
+    seen = set()
+    for name, tensor in sorted(model.state_dict().items()):
+        if tensor.data_ptr() in seen:  # tied weights count once
+            continue
+        seen.add(tensor.data_ptr())
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

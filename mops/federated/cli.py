@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict
 
+from mops.cli_common import held_out_line
 from mops.errors import UserError
 from mops.federated.config import STRATEGIES, FederatedConfig
 from mops.federated.partition import SCHEMES
@@ -34,8 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    "(resumable) (default: more than half)")
     f.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for a round's replies; "
                    "clients later than that are left out of the round (default: 3600)")
-    f.add_argument("--gate-pretrain-examples", type=int, default=512, help="records of each client's partition "
-                   "the gate is pretrained on in round 1, stratified (default: 512)")
     f.add_argument("--client-cpus", type=float, default=1.0, help="CPU cores per simulated client process (default: 1)")
 
 
@@ -82,7 +81,5 @@ def summary(history: dict, out) -> str:
         if r["missing"]:
             lines.append(f"  round {r['round']}: missing {', '.join(m['client'] for m in r['missing'])}")
     if "test" in history:
-        from mops.recover_cli import held_out_line
-
         lines.append(held_out_line(history["test"]))
     return "\n".join(lines)
