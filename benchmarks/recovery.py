@@ -116,6 +116,15 @@ def protocol(args) -> dict:
                                                  "training": _training_defaults()}
 
 
+def same_protocol(saved: dict, now: dict) -> bool:
+    """Equal, except that a default added to the code since (a new option of MixtureConfig or
+    TrainConfig, at a value that changes nothing it did before) is not a difference."""
+    now = dict(now)
+    for key in ("mops", "training"):
+        now[key] = {k: v for k, v in now[key].items() if k in saved.get(key, {})}
+    return saved == now
+
+
 def _training_defaults() -> dict:
     t = asdict(TrainConfig())
     return {k: t[k] for k in ("warm_steps", "balance", "gate_pretrain_lr")}
@@ -149,7 +158,7 @@ def main(argv=None) -> None:
     budget = Budget(mops, args.lora_rank)
     out_json = Path(args.out_dir) / f"recovery_{args.name}.json"
     results = json.loads(out_json.read_text()) if out_json.is_file() else {"cells": {}}
-    if results.get("protocol", protocol(args)) != protocol(args):
+    if not same_protocol(results.get("protocol", protocol(args)), protocol(args)):
         raise UserError(f"{out_json} was made with other settings; use --name for a new study or delete it")
     results.update(protocol=protocol(args), versions=library_versions())
 

@@ -20,6 +20,10 @@ other experts' positions get a bias of about -69, which masks them.
 When every input gets the same prompt (``attention`` mode, whose groups are the experts
 themselves, or a uniform gate), ``forward`` returns it once (1 x M x d): packed training
 (:meth:`mops.injection.PromptedLM.forward_examples`) then runs it once per batch.
+
+A shared prompt (``shared_len`` S > 0) comes before the routed part in both modes and every
+input gets it in full (bias 0): the repair every task needs, beside experts that may
+specialise. S vectors more per input, S x d more parameters.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class MixtureConfig:
     temperature: float = 1.0
     top_k: int | None = None  # None: soft routing over all K experts
     router_noise: float = 0.0  # sigma of SMoP's relative Gaussian noise on the gate logits (training only)
+    shared_len: int = 0  # S vectors every input gets in full, before the routed experts
 
     def resolved(self, n_layers: int) -> "MixtureConfig":
         """A copy with the layer defaults filled in, validated against the model's depth."""
@@ -82,20 +87,31 @@ class MixtureConfig:
             raise UserError(f"--router-noise {c.router_noise}: expected 0 or more")
         if (c.top_k is not None or c.router_noise) and c.gate != "mops":
             raise UserError(f"--top-k / --router-noise route with the mops gate; --gate {c.gate} has no router")
+        if c.shared_len < 0:
+            raise UserError(f"--shared-len {c.shared_len}: expected 0 or more shared prompt vectors")
         return c
 
     @property
     def n_prompts(self) -> int:
-        """Prompts to initialise: the experts, plus ATTEMPT's target prompt."""
+        """Prompts of m vectors to initialise: the experts, plus ATTEMPT's target prompt."""
         return self.n_experts + (1 if self.gate == "attempt" else 0)
+
+    @property
+    def init_vectors(self) -> int:
+        """Vectors to initialise from activations: the prompts of m, then the shared prompt."""
+        return self.n_prompts * self.prompt_len + self.shared_len
 
 
 class Mixture(nn.Module):
-    def __init__(self, config: MixtureConfig, width: int, init: torch.Tensor | None = None):
+    def __init__(self, config: MixtureConfig, width: int, init: torch.Tensor | None = None,
+                 shared_init: torch.Tensor | None = None):
         super().__init__()
         self.config = config
         K, m = config.n_experts, config.prompt_len
         self.experts = PromptExperts(K, m, width, None if init is None else init[:K])
+        if config.shared_len:  # every input gets it in full: the repair every task needs
+            shared = torch.zeros(config.shared_len, width) if shared_init is None else shared_init
+            self.shared = nn.Parameter(shared.detach().clone().float())
         if config.gate == "mops":
             self.gate = MoPsGate(width, K, config.gate_hidden, config.temperature, config.router_noise)
         elif config.gate == "attempt":
@@ -112,14 +128,10 @@ class Mixture(nn.Module):
     @property
     def prompt_positions(self) -> int:
         """Positions the prompt occupies in front of every input: m, or K*m (plus ATTEMPT's
-        target prompt) in ``attention`` mode; what a request's prefill pays for."""
+        target prompt) in ``attention`` mode, plus the shared prompt; what a request's prefill
+        pays for."""
         c = self.config
-        return (c.n_prompts if c.combine == "attention" else 1) * c.prompt_len
-
-    @property
-    def shared_prompt(self) -> bool:
-        """Whether every input gets the same prompt vectors (only the attention bias may differ)."""
-        return self.config.combine == "attention" or isinstance(self.gate, UniformGate)
+        return (c.n_prompts if c.combine == "attention" else 1) * c.prompt_len + c.shared_len
 
     def fused(self, tensor: torch.Tensor) -> bool:
         """MoPs gate + interpolation on CUDA run as the Triton kernels of ``mops.kernels``
@@ -160,6 +172,15 @@ class Mixture(nn.Module):
 
     def forward(self, weights: torch.Tensor):
         """Gate weights (B x K) -> (prompt B x M x d, or 1 x M x d when shared; attention bias B x M or None)."""
+        prompt, bias = self._routed(weights)
+        if not self.config.shared_len:
+            return prompt, bias
+        shared = self.shared[None].expand(prompt.shape[0], -1, -1)
+        if bias is not None:
+            bias = torch.cat([bias.new_zeros(bias.shape[0], self.config.shared_len), bias], dim=1)
+        return torch.cat([shared.to(prompt.dtype), prompt], dim=1), bias
+
+    def _routed(self, weights: torch.Tensor):
         P = self.experts()
         B, (K, m, d) = weights.shape[0], P.shape
         if self.config.combine == "interpolate":

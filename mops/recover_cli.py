@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tau of the MoPs gate's softmax (default: {c.temperature})")
     m.add_argument("--top-k", type=int, default=c.top_k, help="sparse routing (SMoP): keep each input's k largest "
                    "gate weights, unrenormalised (default: all K, soft routing)")
+    m.add_argument("--shared-len", type=int, default=c.shared_len, help="S vectors of a shared prompt every input "
+                   f"gets in full, before the routed experts (default: {c.shared_len})")
     m.add_argument("--router-noise", type=float, default=c.router_noise, help="SMoP's relative Gaussian noise on "
                    f"the gate logits while training, logits * (1 + sigma N(0, 1)) (default: {c.router_noise})")
     t = p.add_argument_group("training")
@@ -79,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
                    help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
     t.add_argument("--gate-pretrain-examples", type=int, default=d.gate_pretrain_examples,
-                   help="training records the gate is pretrained on, stratified (with --federated: of each client's "
-                        f"partition, in round 1) (default: {d.gate_pretrain_examples})")
+                   help="training records the gate is pretrained on, stratified (with --federated: in all, each client "
+                        f"its share by example count) (default: {d.gate_pretrain_examples})")
     t.add_argument("--gate-pretrain-lr", type=float, default=d.gate_pretrain_lr,
                    help=f"the gate's learning rate while pretraining on categories (default: {d.gate_pretrain_lr})")
     t.add_argument("--max-len", type=int, default=d.max_len, help=f"tokens per example (default: {d.max_len})")
@@ -116,8 +118,10 @@ def main(argv=None) -> None:
     setup_logging(args.quiet)
     if args.federated is not None:
         return federated.run_from_args(args)
+    federated.refuse_without_federated(args, parser)
     mixture = MixtureConfig(args.experts, args.prompt_len, args.gate, args.combine, args.gate_layer,
-                            args.inject_layer, args.gate_hidden, args.temperature, args.top_k, args.router_noise)
+                            args.inject_layer, args.gate_hidden, args.temperature, args.top_k, args.router_noise,
+                            args.shared_len)
     config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
                          args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,

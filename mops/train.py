@@ -150,10 +150,12 @@ class BatchOrder:
 
 
 def pretrain_gate(lm: PromptedLM, examples: list[EncodedExample], targets: list[int], config: TrainConfig,
-                  progress: bool, lower: LowerStates | None = None) -> list[float]:
-    """Fit the gate as a classifier, category -> expert, with the experts frozen."""
+                  progress: bool, lower: LowerStates | None = None, pooled: torch.Tensor | None = None) -> list[float]:
+    """Fit the gate as a classifier, category -> expert, with the experts frozen. ``pooled``
+    (N x d gate inputs, one per target) replaces ``examples`` where only those are at hand
+    (a federated server, given its clients' pooled inputs)."""
     gate = lm.mixture.gate
-    pooled = pooled_gate_inputs(lm, examples, lower)
+    pooled = pooled_gate_inputs(lm, examples, lower) if pooled is None else pooled.to(lm.mixture.experts.weight.device)
     y = torch.tensor(targets, device=pooled.device)
     experts = lm.mixture.experts().detach()
     opt = torch.optim.AdamW(gate.parameters(), lr=config.gate_pretrain_lr, weight_decay=0.0)
@@ -177,13 +179,14 @@ def build_mixture(model, tokenizer, train_examples, mixture: MixtureConfig, seed
     c = mixture.resolved(model.config.num_hidden_layers)
     if c.prompt_len < 1 and not empty_ok:
         raise UserError(f"--prompt-len {c.prompt_len}: nothing to train; expected at least 1 vector per expert")
-    init = None
+    init = shared = None
     if initialise:
-        init = initial_experts(model, tokenizer, train_examples, c.n_prompts * c.prompt_len, c.inject_layer, seed)
-        init = init.reshape(c.n_prompts, c.prompt_len, model.config.hidden_size)
+        vectors = initial_experts(model, tokenizer, train_examples, c.init_vectors, c.inject_layer, seed)
+        n = c.n_prompts * c.prompt_len
+        init, shared = vectors[:n].reshape(c.n_prompts, c.prompt_len, model.config.hidden_size), vectors[n:]
     torch.manual_seed(seed)  # the gate's own initialisation
     device = next(model.parameters()).device
-    return PromptedLM(model, Mixture(c, model.config.hidden_size, init=init).to(device))
+    return PromptedLM(model, Mixture(c, model.config.hidden_size, init=init, shared_init=shared).to(device))
 
 
 def trainable_groups(lm: PromptedLM, config: TrainConfig, extra_params=()) -> list[dict]:

@@ -29,8 +29,9 @@ def prompted(model, seed=0, **kw):
     torch.manual_seed(seed)
     K = config.n_prompts
     init = torch.randn(K, config.prompt_len, model.config.hidden_size) * 0.3
+    shared = torch.randn(config.shared_len, model.config.hidden_size) * 0.3
     # the mixture stays float32 (its gate pools in float32 whatever the base's dtype); the base is float64
-    return PromptedLM(model, Mixture(config, model.config.hidden_size, init=init))
+    return PromptedLM(model, Mixture(config, model.config.hidden_size, init=init, shared_init=shared))
 
 
 def padded_loss(lm, examples, pad_id):
@@ -59,6 +60,8 @@ MIXTURES = [
     dict(n_experts=2, prompt_len=3, gate="attempt", combine="attention", gate_layer=2, inject_layer=1),
     dict(n_experts=3, prompt_len=4, gate="uniform", combine="interpolate", gate_layer=1),
     dict(n_experts=1, prompt_len=6, gate="single", gate_layer=0, inject_layer=0),
+    dict(n_experts=3, prompt_len=2, gate="mops", combine="attention", gate_layer=1, shared_len=3, top_k=1),
+    dict(n_experts=3, prompt_len=2, gate="mops", combine="interpolate", gate_layer=1, shared_len=3),
 ]
 
 

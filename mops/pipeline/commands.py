@@ -40,7 +40,8 @@ def prune_command(stage) -> str:
 #: mops-recover's flag for each MixtureConfig field
 MIXTURE_FLAGS = {"n_experts": "--experts", "prompt_len": "--prompt-len", "gate": "--gate", "combine": "--combine",
                  "gate_layer": "--gate-layer", "inject_layer": "--inject-layer", "gate_hidden": "--gate-hidden",
-                 "temperature": "--temperature", "top_k": "--top-k", "router_noise": "--router-noise"}
+                 "temperature": "--temperature", "top_k": "--top-k", "router_noise": "--router-noise",
+                 "shared_len": "--shared-len"}
 
 
 def recover_flags() -> set[str]:

@@ -60,6 +60,7 @@ MIXTURE_RULES = {
     "temperature": Annotated[float, Field(gt=0)],
     "top_k": Annotated[int, Field(ge=1)],
     "router_noise": Annotated[float, Field(ge=0)],
+    "shared_len": Annotated[int, Field(ge=0)],
 }
 TRAIN_RULES = {
     "steps": Annotated[int, Field(ge=1)],
