@@ -41,12 +41,11 @@ import torch
 
 from mops.baselines import METHODS, SAME_BUDGET, Budget, parse_method, prepare, trainable_count
 from mops.cli_common import run_cli, setup_logging
-from mops.data import format_prompt, load_records, split_records, stratified_subset
+from mops.data import load_records, split_records, stratified_subset
 from mops.errors import UserError
 from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, recovered_share, verdict
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.gate_analysis import draw_heatmaps
-from mops.injection import PromptedLM
 from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
@@ -60,7 +59,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # The table's settings, the aggressive ones first: they are where the target is measured.
 DEFAULT_SETTINGS = ("3:4", "2:4", "0.85", "7:8")
 DEFAULT_METHODS = ("none", "prompt", "prompt-equal", "uniform", "attempt", "lora", "lora-equal", "mops")
-PREFILL_EXAMPLES = 64
 
 
 def parse_args(argv):
@@ -210,7 +208,7 @@ def main(argv=None) -> None:
             cell = {"setting": setting, "method": spec.spec, "seed": seed, "sparsity": sparsity}
             if spec.name == "none":
                 cell.update(cell_scores(response_perplexity(model, tok, test, progress=False)), trainable_params=0,
-                            positions_added=0, prefill_tokens_per_s=prefill_rate(PromptedLM.bare(model), tok, test))
+                            positions_added=0)
             else:
                 cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower))
             cell["seconds"] = time.perf_counter() - started
@@ -246,7 +244,6 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
         "training": asdict(config),
         **about,
         "positions_added": lm.mixture.prompt_positions,
-        "prefill_tokens_per_s": prefill_rate(lm, tok, test),
         "train_loss": history["train_loss"],
         "gate_snapshots": history.get("gate_snapshots"),
     }
@@ -255,24 +252,6 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
 def cell_scores(result: dict) -> dict:
     return {"ppl": result["ppl"], "per_category": result["per_category"], "test_tokens": result["tokens"],
             "test_examples": result["examples"], "per_example": result["per_example"]}
-
-
-@torch.no_grad()
-def prefill_rate(lm: PromptedLM, tok, records, batch_size: int = 8) -> float:
-    """Instruction tokens per second through the whole model (gate, prompt, every layer; no
-    head), in padded batches of similar length: the prefill a server pays per request."""
-    prompts = sorted((format_prompt(r) for r in records[:PREFILL_EXAMPLES]), key=len)
-    tokens, seconds = 0, 0.0
-    for start in range(0, len(prompts), batch_size):
-        enc = tok(prompts[start : start + batch_size], return_tensors="pt", padding=True).to(lm.base.device)
-        began = time.perf_counter()
-        keys = enc["attention_mask"].bool()
-        hidden, gate_states, positions = lm.lower(enc["input_ids"], enc["attention_mask"])
-        _, prompt, bias = lm.mix(gate_states, keys, len(keys))
-        lm.upper(hidden, keys, positions, prompt, bias)
-        seconds += time.perf_counter() - began
-        tokens += int(keys.sum())
-    return tokens / seconds
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -380,9 +359,8 @@ def markdown(results: dict, stem: str) -> str:
         for c in comparisons(cells, s, methods):
             lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} |")
     lines += ["", "## Every cell", "",
-              "| setting | method | seed | ppl | trainable params | train s | positions added | prefill tokens/s | "
-              "lora layout |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+              "| setting | method | seed | ppl | trainable params | train s | positions added | lora layout |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
     for s in settings:
         for m in methods:
             for c in seed_runs(cells, s, m):
@@ -391,8 +369,7 @@ def markdown(results: dict, stem: str) -> str:
                 layout = (f"r {lora['rank']}, {'/'.join(t.replace('_proj', '') for t in lora['targets'])}, layers "
                           f"{lora['layers'] if isinstance(lora['layers'], str) else len(lora['layers'])}") if lora else ""
                 lines.append(f"| {s} | {m} | {'' if c.get('seed') is None else c['seed']} | {c['ppl']:.2f} | "
-                             f"{c['trainable_params']:,} | {train_s} | {c.get('positions_added', '')} | "
-                             f"{c.get('prefill_tokens_per_s', 0):.0f} | {layout} |")
+                             f"{c['trainable_params']:,} | {train_s} | {c.get('positions_added', '')} | {layout} |")
     categories = sorted((dense or {}).get("per_category", {}))
     lines += ["", "## Per category (seed 0 where trained)", "", "| setting | method | " + " | ".join(categories) + " |",
               "| --- | --- | " + " | ".join("---:" for _ in categories) + " |"]
@@ -404,9 +381,9 @@ def markdown(results: dict, stem: str) -> str:
             if runs:
                 lines.append(f"| {s} | {m} | " + " | ".join(f"{runs[0]['per_category'][k]:.2f}" for k in categories) + " |")
     lines += ["", f"Gate heatmaps (mean gate weight per test category and expert, before training, after gate "
-              f"pretraining, midway, at the end), with their numbers: `{stem}_gates/`. Prefill tokens/s: "
-              f"instruction tokens of {PREFILL_EXAMPLES} held-out examples per second through every layer (no head), "
-              "batches of 8, measured in each cell's own run (other runs may have shared the machine).", "",
+              f"pretraining, midway, at the end), with their numbers: `{stem}_gates/`. Positions added: prompt "
+              "positions in front of every request; each method's prefill speed is measured side by side by "
+              "`python benchmarks/step_cost.py` (`step_cost_embedded.md`).", "",
               f"Versions: {', '.join(f'{k} {v}' for k, v in results['versions'].items())}."]
     return "\n".join(lines) + "\n"
 

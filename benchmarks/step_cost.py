@@ -18,6 +18,12 @@ l = g = round(0.3 L), 4 examples of at most 256 tokens), in four ways:
 its one-off compile time is reported beside it). The variants are interleaved batch by
 batch and the median of each is reported, so a noisy machine hits all of them alike.
 
+Then what each recovery method costs a server: the prompt positions it adds to every
+request and its prefill speed (instruction tokens per second through the whole model,
+the head excepted, in batches of 8 held-out instructions of similar length), every method
+of the recovery study built at the study's budget and timed interleaved, batch by batch.
+Untrained tensors cost what trained ones do.
+
     python benchmarks/step_cost.py            # writes benchmarks/results/step_cost_embedded.{md,json}
 """
 
@@ -32,12 +38,14 @@ from pathlib import Path
 
 import torch
 
+from mops.baselines import METHODS, Budget, prepare
 from mops.cli_common import run_cli, setup_logging
-from mops.data import encode_example, load_records, split_records
+from mops.data import encode_example, format_prompt, load_records, split_records
 from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
 from mops.outputs import library_versions, write_json_atomic
+from mops.injection import PromptedLM
 from mops.train import BatchOrder, TrainConfig, build_mixture, collate, trainable_groups
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,13 +61,16 @@ def main(argv=None) -> None:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--batches", type=int, default=12, help="timed batches (the first steps of seed 0)")
     p.add_argument("--compile", action="store_true", help="also time the upper layers under torch.compile")
+    p.add_argument("--prefill-examples", type=int, default=64, help="held-out instructions timed per method")
+    p.add_argument("--prefill-repeats", type=int, default=3, help="passes over them, interleaved across methods")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
     setup_logging(quiet=True)
     torch.manual_seed(0)
     model, tok = load_model(args.model, device=args.device)
-    train = split_records(load_records(["dolly", "natural-instructions"]), 0)["train"]
+    splits = split_records(load_records(["dolly", "natural-instructions"]), 0)
+    train = splits["train"]
     examples = [encode_example(tok, r, args.max_len) for r in train]
     order = BatchOrder(len(examples), args.batch_size, 1, 0)
     batches = [[examples[i] for i in order.indices(s, 0)] for s in range(args.batches + 1)]  # +1 warm-up
@@ -107,6 +118,8 @@ def main(argv=None) -> None:
                 times[name].append(time.perf_counter() - start)
     median = {name: statistics.median(t) for name, t in times.items()}
     new = median["mops-attention packed+stored"]
+    inference = prefill_costs(args.model, args.device, splits["test"][: args.prefill_examples], args.prefill_repeats,
+                              Budget(MixtureConfig(K, m, gate_layer=g, inject_layer=g)))
     result = {
         "model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
         "batch_size": args.batch_size, "max_len": args.max_len, "batches": args.batches,
@@ -116,6 +129,7 @@ def main(argv=None) -> None:
         "median_seconds": median, "compile_seconds": compile_seconds,
         "speedup_over_padded": {n: median[f"{n} padded"] / median[f"{n} packed+stored"] for n in mixtures},
         "peft_over_ours": median["peft prompt tuning"] / new,
+        "inference": inference, "prefill_examples": args.prefill_examples, "prefill_repeats": args.prefill_repeats,
         "versions": library_versions(),
     }
     out = Path(args.out_dir) / f"step_cost_{args.name}.json"
@@ -123,6 +137,38 @@ def main(argv=None) -> None:
     text = markdown(result, K * m)
     out.with_suffix(".md").write_text(text)
     print(text)
+
+
+def prefill_costs(model_spec, device, records, repeats: int, budget: Budget) -> dict:
+    """Per method: prompt positions added, median prefill tokens/s over ``repeats`` interleaved passes."""
+    methods = {}
+    for method in METHODS:
+        model, tok = load_model(model_spec, device=device)  # LoRA goes inside the model: a copy each
+        mixture, extra, _ = prepare(method, model, budget)
+        lm = PromptedLM.bare(model) if mixture is None else build_mixture(model, tok, [], mixture, seed=0,
+                                                                          initialise=False, empty_ok=True)
+        methods[method] = lm.eval()
+    prompts = sorted((format_prompt(r) for r in records), key=len)
+    batches = [tok(prompts[s : s + 8], return_tensors="pt", padding=True).to(device) for s in range(0, len(prompts), 8)]
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    seconds = {name: [] for name in methods}
+    for _ in range(repeats):
+        for name, lm in methods.items():
+            started = time.perf_counter()
+            for b in batches:
+                prefill(lm, b["input_ids"], b["attention_mask"])
+            seconds[name].append(time.perf_counter() - started)
+    return {name: {"positions_added": lm.mixture.prompt_positions, "prefill_tokens_per_s": tokens / statistics.median(s)}
+            for (name, lm), s in zip(methods.items(), seconds.values())}
+
+
+@torch.no_grad()
+def prefill(lm: PromptedLM, input_ids, attention_mask) -> None:
+    """What a server runs before the first token: gate, prompt and every layer (no head)."""
+    keys = attention_mask.bool()
+    hidden, gate_states, positions = lm.lower(input_ids, attention_mask)
+    _, prompt, bias = lm.mix(gate_states, keys, len(keys))
+    lm.upper(hidden, keys, positions, prompt, bias)
 
 
 def padded_step(lm, opt, pad_id):
@@ -184,6 +230,14 @@ def markdown(r: dict, n_virtual: int) -> str:
     ]
     if r["compile_seconds"] is not None:
         lines.append(f"torch.compile took {r['compile_seconds']:.0f} s before its first step.")
+    none = r["inference"]["none"]["prefill_tokens_per_s"]
+    lines += ["", "## What each recovery method costs a server", "",
+              f"Prefill of the instructions of {r['prefill_examples']} held-out test examples (batches of 8, padded; "
+              f"gate, prompt and every layer, no head), median of {r['prefill_repeats']} passes interleaved across "
+              "the methods, each built at the study's budget (untrained tensors cost what trained ones do).", "",
+              "| method | positions added per request | prefill tokens/s | vs none |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {name} | {c['positions_added']} | {c['prefill_tokens_per_s']:.0f} | "
+              f"{c['prefill_tokens_per_s'] / none:.2f}x |" for name, c in r["inference"].items()]
     return "\n".join(lines) + "\n"
 
 
