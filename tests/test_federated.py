@@ -1,9 +1,10 @@
 """Federated MoPs: partitions (pure), and real Flower simulations on a tiny random Llama.
 
 One shared simulation (3 clients x 3 rounds, client 1's process killed in round 3) checks
-FedAvg against an independent weighted average, what travels, the base loaded once per
-client process, and the missing-client log; a second run's server process is SIGKILLed
-after a round and resumed, and must continue exactly where it stopped.
+FedAvg against an independent weighted average, what travels and its bytes, the base loaded
+once per client process, and the missing-client log; a second run's server process is
+SIGKILLed after a round and resumed, and must continue exactly where it stopped. The other
+strategies, methods and options: tests/test_federated_options.py.
 """
 
 from __future__ import annotations
@@ -247,6 +248,35 @@ def test_the_base_is_loaded_once_per_client_process(crashed_run, tiny_dir):
     assert all(seconds)
     loads = history["base_loads"]
     assert loads and set(loads.values()) == {1}, loads
+
+
+def test_bytes_per_round_are_the_tensors_sent_and_received_and_the_tables(crashed_run):
+    """Each round's bytes, as the history recorded them from the messages, equal the tensors
+    the client got (the previous global) and sent back (its saved reply); the benchmark's
+    communication table is made of those numbers."""
+    import importlib.util
+    from pathlib import Path
+
+    out, history, _ = crashed_run
+    for entry in history["rounds"]:
+        previous = load_file(out / "rounds" / f"round_{entry['round'] - 1}" / "global.safetensors")
+        down = sum(t.numel() * t.element_size() for t in previous.values())
+        assert entry["bytes_down"] == {str(p): down for p in range(3)}  # a client that then died got it too
+        for p in entry["clients"]:
+            sent = load_file(out / "rounds" / f"round_{entry['round']}" / f"client_{p}.safetensors")
+            assert entry["bytes_up"][str(p)] == sum(t.numel() * t.element_size() for t in sent.values())
+        assert str(CRASHED) not in entry["bytes_up"] or entry["round"] != CRASH_ROUND
+    spec = importlib.util.spec_from_file_location("federated_benchmark",
+                                                  Path(__file__).parents[1] / "benchmarks" / "federated.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    table = bench.communication(history)
+    assert table["per_round"] == [{"round": e["round"], "down": e["bytes_down"], "up": e["bytes_up"]}
+                                  for e in history["rounds"]]
+    ups = [n for e in history["rounds"] for n in e["bytes_up"].values()]
+    assert table["up_per_client_round"] == sum(ups) / len(ups) == down  # FedAvg sends back what it got
+    assert table["tensors_up"] == len(TRAINABLE)
 
 
 RESUME_SCRIPT = textwrap.dedent("""

@@ -118,3 +118,26 @@ def counts_markdown(table: dict[str, dict[str, int]]) -> str:
     totals = [sum(table[k][c] for k in clients) for c in categories]
     lines.append("| all | " + " | ".join(map(str, totals)) + f" | {sum(totals)} |")
     return "\n".join(lines)
+
+
+def held_out_shares(records: list[InstructionRecord], train_parts: list[list[InstructionRecord]],
+                    seed: int = 0) -> list[list[int]]:
+    """Each client's share of held-out ``records`` (indices into them), a partition of them:
+    every category's examples split over the clients in proportion to the clients' training
+    examples of that category. So a client's share has its own skewed mix: under the skew,
+    15 of every 18 examples of a category go to the client that holds its large partition."""
+    weights = [Counter(r.category for r in part) for part in train_parts]
+    by_category = defaultdict(list)
+    for i, r in enumerate(records):
+        by_category[r.category].append(i)
+    shares = [[] for _ in train_parts]
+    for category in sorted(by_category):
+        items = by_category[category]
+        random.Random(f"{seed}/held-out/{category}").shuffle(items)
+        counts = [w[category] for w in weights]
+        sizes = apportion(len(items), counts if sum(counts) else [1] * len(train_parts))
+        start = 0
+        for client, k in enumerate(sizes):
+            shares[client] += items[start : start + k]
+            start += k
+    return [sorted(s) for s in shares]

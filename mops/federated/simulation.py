@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 from mops.errors import UserError
-from mops.federated.common import client_partitions, log
+from mops.federated.common import Stopwatch, client_partitions, log
 from mops.federated.config import FederatedConfig
+from mops.federated.methods import method_mixture
 from mops.federated.partition import category_counts, counts_markdown
 from mops.federated.server_app import (
     FederatedServer,
@@ -32,11 +33,14 @@ def run_federated(config: FederatedConfig, out, *, force: bool = False, resume: 
     """
     from flwr.simulation import run_simulation
 
+    started = Stopwatch()  # the startup's cost counts: Ray, Flower and the checks below
     config.validate()
     if not client_cpus > 0:
         raise UserError(f"--client-cpus {client_cpus}: expected a positive number of cores")
     # Bad mixture sizes or layers fail here, in one line, before Ray starts.
-    config.mixture_config().resolved(check_causal_lm(resolve_checkpoint(config.base)).num_hidden_layers)
+    model_config = check_causal_lm(resolve_checkpoint(config.base))
+    config.mixture_config().resolved(model_config.num_hidden_layers)
+    method_mixture(config, model_config.hidden_size, model_config.num_hidden_layers)
     check_output_dir(out, force or resume)
     ckpt = checkpoint_dir_for(out)
     if ckpt.exists() and not (resume or force):
@@ -54,7 +58,8 @@ def run_federated(config: FederatedConfig, out, *, force: bool = False, resume: 
         gpus = 1.0 / min(config.n_clients, 4)
     else:
         gpus = 0.0
-    server = FederatedServer(config, out, resume=resume, force=force, save_rounds=save_rounds, on_round=on_round)
+    server = FederatedServer(config, out, resume=resume, force=force, save_rounds=save_rounds, on_round=on_round,
+                             started=started)
     if client_app is None:
         from mops.federated.client_app import app as client_app
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -1,0 +1,58 @@
+"""``benchmarks/federated.py`` on a tiny random Llama: a small grid (2 clients, 1 round, MoPs,
+the single prompt and centralized MoPs) writes its tables, a rerun starts nothing, and bad
+options are one-line errors before anything runs."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = str(REPO / "benchmarks" / "federated.py")
+
+
+def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tiny_dir):
+    argv = [sys.executable, BENCH, "--model", tiny_dir, "--name", "t", "--settings", "2:4", "--methods", "mops",
+            "single", "--seeds", "0", "--partitions", "skew", "--clients", "2", "--rounds", "1", "--local-steps", "1",
+            "--batch-size", "2", "--max-len", "48", "--limit-per-source", "40", "--gate-pretrain-examples", "8",
+            "--eval-examples", "4", "--test-examples", "12", "--prune-method", "magnitude",
+            "--work-dir", str(tmp_path / "work"), "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
+    first = subprocess.run(argv, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "out" / "federated_t.json").read_text())
+    assert set(results["runs"]) == {"2:4/none/pruned", "2:4/skew/mops/seed0", "2:4/skew/single/seed0",
+                                    "2:4/centralized/mops/seed0"}
+    mops = results["runs"]["2:4/skew/mops/seed0"]
+    assert mops["per_example"]["tokens"] == results["runs"]["2:4/centralized/mops/seed0"]["per_example"]["tokens"]
+    assert mops["communication"]["up_per_client_round"] > results["runs"]["2:4/skew/single/seed0"][
+        "communication"]["up_per_client_round"]  # experts and gate against one prompt
+    assert mops["cost"]["client_steps"] == 2 and mops["cost"]["cpu_per_client_step"] > 0
+    table = (tmp_path / "out" / "federated_t.md").read_text()
+    assert re.search(r"\| 2:4 \| skew \| mops \| single \| seed 0: [+-]\d+\.\d% \[", table)
+    assert re.search(r"\| 2:4 \| skew \| mops \| centralized \| seed 0: ", table)
+    assert "## Communication" in table and "## Each client on its own held-out share" in table
+    assert re.search(r"\| 2:4 \| skew \| mops \| 0 \| 2 \| \d+\.\d\d \|", table)  # the step-cost row
+    assert (tmp_path / "out" / "federated_t.png").is_file()
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert again.returncode == 0
+    started = [ln for ln in again.stdout.splitlines() if ln.startswith("$ ") or re.match(r"\s*\S+/seed\d+ +ppl ", ln)]
+    assert not started  # nothing left to do: no run started, no run saved
+    other = subprocess.run(argv + ["--rounds", "2"], capture_output=True, text=True)
+    assert other.returncode == 2 and "was made with other settings" in other.stderr
+
+
+@pytest.mark.parametrize("flag, message", [(["--methods", "mops", "magic"], "method 'magic'"),
+                                           (["--methods", "mops@rounds=x"], "rounds='x' is not a whole number"),
+                                           (["--methods", "mops@strategy=fedavgm,server_tau=0.1"], "--server-tau"),
+                                           (["--partitions", "zipf"], "--partitions 'zipf'"),
+                                           (["--test-examples", "0"], "--test-examples 0")])
+def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag, message):
+    run = subprocess.run([sys.executable, BENCH, "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "r"),
+                          *flag], capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert message in run.stderr and not any(tmp_path.iterdir())
