@@ -183,8 +183,11 @@ def main(argv=None) -> None:
         save("dense", {"setting": "dense", "method": "dense", **cell_scores(response_perplexity(model, tok, test, progress=False)),
                        "trainable_params": 0, "seconds": time.perf_counter() - started})
     for setting, prune_config in prune_configs.items():
-        todo = [(s, seed) for s in specs for seed in ([None] if s.name == "none" else args.seeds)
-                if cell_key(setting, s.spec, seed) not in results["cells"]]
+        # the pruned model's score first (every share needs it), then seed by seed: a partial
+        # run has every method of its first seed
+        todo = [(parse_method("none"), None)] if cell_key(setting, "none", None) not in results["cells"] else []
+        todo += [(s, seed) for seed in args.seeds for s in specs if s.name != "none"
+                 if cell_key(setting, s.spec, seed) not in results["cells"]]
         if not todo:
             continue
         pruned_dir = Path(args.work_dir) / (f"{Path(args.model).name}-{args.prune_method}-"
@@ -195,8 +198,6 @@ def main(argv=None) -> None:
             prune_to_folder(model, tok, prune_config, pruned_dir, model_name=args.model, force=True, quiet=True)
         sparsity = json.loads((pruned_dir / "sparsity_report.json").read_text())["overall_sparsity"]
         lower = LowerStates()  # one store per pruned model: its methods share the frozen layers below l
-        if cell_key(setting, "none", None) not in results["cells"]:
-            todo.insert(0, (parse_method("none"), None))
         for spec, seed in todo:
             key = cell_key(setting, spec.spec, seed)
             with results_lock(out_json):
