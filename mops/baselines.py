@@ -109,7 +109,7 @@ def mixture_for(method: str, b: Budget, width: int, n_layers: int) -> MixtureCon
         "none": None,
         "prompt": MixtureConfig(1, m, "single", gate_layer=0, inject_layer=0),
         "uniform": MixtureConfig(K, m, "uniform", mops.combine, gate_layer=g, inject_layer=l),
-        "attempt": MixtureConfig(K, m, "attempt", "interpolate", g, l, mops.gate_hidden or 128),
+        "attempt": MixtureConfig(K, m, "attempt", "interpolate", g, l, mops.gate_hidden),
         "mops": mops,
         "lora": empty,
         "lora-equal": empty,

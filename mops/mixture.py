@@ -39,6 +39,7 @@ from mops.gates import AttemptGate, MoPsGate, UniformGate
 
 GATES = ("mops", "attempt", "uniform", "single")
 COMBINES = ("interpolate", "attention")
+ATTEMPT_HIDDEN = 128  # ATTEMPT's gate width where the configuration says 0 (the MoPs gate's linear router)
 
 
 @dataclass
@@ -46,17 +47,17 @@ class MixtureConfig:
     n_experts: int = 4
     prompt_len: int = 10
     gate: str = "mops"
-    combine: str = "interpolate"
+    combine: str = "attention"  # chosen on the validation split (README, recovery study)
     gate_layer: int | None = None  # None: round(0.3 * L)
     inject_layer: int | None = None  # None: the gate layer
-    gate_hidden: int = 128  # r; 0: SMoP's linear router d -> K
-    temperature: float = 1.0
+    gate_hidden: int = 0  # r; 0: SMoP's linear router d -> K (chosen on validation; the paper's MLP: 128)
+    temperature: float = 3.0  # chosen on validation with gate lr 3e-3 (README, recovery study)
     top_k: int | None = None  # None: soft routing over all K experts
     router_noise: float = 0.0  # sigma of SMoP's relative Gaussian noise on the gate logits (training only)
     shared_len: int = 0  # S vectors every input gets in full, before the routed experts
 
     def resolved(self, n_layers: int) -> "MixtureConfig":
-        """A copy with the layer defaults filled in, validated against the model's depth."""
+        """A copy with the layer (and ATTEMPT's width) defaults filled in, validated against the model's depth."""
         c = MixtureConfig(**asdict(self))
         if c.gate_layer is None:
             c.gate_layer = round(0.3 * n_layers)
@@ -79,8 +80,8 @@ class MixtureConfig:
         if c.gate_hidden < 0 or c.temperature <= 0:
             raise UserError(f"--gate-hidden {c.gate_hidden} / --temperature {c.temperature}: expected a width of 0 "
                             "or more (0: a linear router) and a positive temperature")
-        if c.gate == "attempt" and c.gate_hidden < 1:
-            raise UserError(f"--gate-hidden {c.gate_hidden}: ATTEMPT's gate needs a hidden width of at least 1")
+        if c.gate == "attempt" and c.gate_hidden == 0:  # ATTEMPT's gate has no linear form: its paper's width
+            c.gate_hidden = ATTEMPT_HIDDEN
         if c.top_k is not None and not 1 <= c.top_k <= c.n_experts:
             raise UserError(f"--top-k {c.top_k}: expected a number of experts in [1, {c.n_experts}]")
         if c.router_noise < 0:

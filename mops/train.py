@@ -58,14 +58,14 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 
 @dataclass
 class TrainConfig:
-    steps: int = 100
+    steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3e-2  # experts (and ATTEMPT's target prompt, or LoRA's tensors)
+    lr: float = 0.3  # experts, ATTEMPT's target prompt, LoRA's tensors (chosen for prompts on validation; LoRA wants ~2e-3)
     gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates; 0 keeps it as pretrained
     gate_pretrain_steps: int = 50
     gate_pretrain_lr: float = 1e-2
-    gate_pretrain_examples: int = 512
+    gate_pretrain_examples: int = 256
     max_len: int = 256
     eval_every: int = 50
     eval_examples: int = 64
