@@ -69,8 +69,8 @@ LABELS = {
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--base", default="runs/demo/sparsegpt-2of4", help="the pruned base (default: the demo's)")
-    p.add_argument("--adapter", default="runs/demo/mops", help="its MoPs adapter (default: the demo's)")
+    p.add_argument("--base", default="runs/demo/pruned/sparsegpt-2of4", help="the pruned base (default: the demo's)")
+    p.add_argument("--adapter", default="runs/demo/adapters/sparsegpt-2of4-mops", help="its MoPs adapter (default: the demo's)")
     p.add_argument("--data", default="dolly+natural-instructions", help="sources whose held-out test split gives the prompts")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--requests", type=int, default=2, help="requests per client at each level (default: 2; "
@@ -107,7 +107,7 @@ def parse_args(argv):
         raise UserError(f"--base {args.base}: not found; run `bash scripts/demo.sh` (it writes runs/demo/) or pass --base")
     if not (Path(args.adapter) / "mops_config.json").is_file():
         raise UserError(f"--adapter {args.adapter}: no adapter there; run `bash scripts/demo.sh` (it writes "
-                        "runs/demo/mops) or pass --adapter")
+                        "runs/demo/adapters/sparsegpt-2of4-mops) or pass --adapter")
     if min(args.clients) < 1 or args.max_tokens < 1 or args.requests < 1:
         raise UserError("--clients, --requests and --max-tokens take positive numbers")
     return args

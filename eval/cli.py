@@ -1,7 +1,7 @@
 """``mops-eval``: several models on several lm-eval tasks, one comparison table.
 
-    mops-eval --model dense=smollm2-135m --model pruned=runs/demo/sparsegpt-2of4 \\
-        --model recovered=runs/demo/sparsegpt-2of4,adapter=runs/demo/mops \\
+    mops-eval --model dense=smollm2-135m --model pruned=runs/demo/pruned/sparsegpt-2of4 \\
+        --model recovered=runs/demo/pruned/sparsegpt-2of4,adapter=runs/demo/adapters/sparsegpt-2of4-mops \\
         --tasks mops_wikitext2,mops_ni_mc,mops_mmlu --limit 8 --out runs/demo/eval
 
 Each ``--model LABEL=BASE[,key=value...]`` is evaluated through lm-eval's
@@ -39,7 +39,7 @@ def parse_model(spec: str) -> tuple[str, dict]:
     parts = [p for p in rest.split(",") if p]
     if not sep or not label or not parts or "=" in parts[0]:
         raise UserError(f"--model {spec!r}: expected LABEL=BASE[,key=value...], e.g. "
-                        "recovered=runs/demo/sparsegpt-2of4,adapter=runs/demo/mops")
+                        "recovered=runs/demo/pruned/sparsegpt-2of4,adapter=runs/demo/adapters/sparsegpt-2of4-mops")
     if not re.fullmatch(r"[A-Za-z0-9._-]+", label):
         raise UserError(f"--model {spec!r}: label {label!r}: use letters, digits, '.', '_' and '-' (it names a file)")
     args = {"pretrained": parts[0]}

@@ -1,7 +1,7 @@
 """lm-eval's own command line with the ``mops`` model registered and our tasks on its include path.
 
     python -m mops.eval.lm_eval_cli --model mops \\
-        --model_args pretrained=runs/demo/sparsegpt-2of4,adapter=runs/demo/mops --tasks mops_mmlu
+        --model_args pretrained=runs/demo/pruned/sparsegpt-2of4,adapter=runs/demo/adapters/sparsegpt-2of4-mops --tasks mops_mmlu
 
 lm-eval 0.4 finds models only in its registry and has no plugin entry point, so a plain
 ``lm_eval --model mops`` does not know the model; this runs the same command line after

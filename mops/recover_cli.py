@@ -27,8 +27,8 @@ from mops.outputs import check_output_dir
 from mops.train import MIXED_PRECISION, TrainConfig, recover
 
 EPILOG = """example (the README's main job, after `prune`):
-  mops-recover --base runs/demo/sparsegpt-2of4 --data dolly --data natural-instructions \\
-      --experts 4 --prompt-len 10 --gate mops --combine interpolate --steps 100 --out runs/demo/mops
+  mops-recover --base runs/demo/pruned/sparsegpt-2of4 --data dolly --data natural-instructions \\
+      --experts 4 --prompt-len 10 --out runs/my-mops
 """
 
 

@@ -97,6 +97,15 @@ def test_one_command_writes_a_report_with_every_model(reference):
     assert not re.search(r"""(src|href)=["'](?!data:)""", html)  # nothing outside the file
 
 
+def test_the_pruned_model_and_adapters_have_names_a_person_can_type(reference):
+    _, out = reference
+    import mops
+
+    lm = mops.load(out / "pruned" / "magnitude-2of4", out / "adapters" / "magnitude-2of4-mops")
+    assert lm.mixture is not None and (out / "adapters" / "magnitude-2of4-lora" / "mops_config.json").is_file()
+    assert not (out / "pruned" / "magnitude-2of4").resolve().is_relative_to(out / "pruned")  # a link into stages/
+
+
 def test_a_second_run_reuses_every_stage_in_seconds(reference, capsys):
     path, out = reference
     before, report = stage_folders(out), (out / "report.md").read_text()

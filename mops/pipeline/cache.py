@@ -119,6 +119,17 @@ class Store:
         shutil.rmtree(self.checkpoint(stage), ignore_errors=True)
         return self.record(stage)
 
+    def link(self, name: str, target: Path) -> Path:
+        """A stable name under the output folder (``pruned/sparsegpt-2of4``) for a finished stage's
+        folder, whose own name is a hash; relative, so the output folder may move."""
+        path = self.out / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(os.path.relpath(target, path.parent))
+        os.replace(tmp, path)
+        return path
+
     def publish(self, name: str, source: Path) -> Path:
         """Copy a finished file to the top of the output folder, replacing the old one atomically."""
         target = self.out / name

@@ -52,10 +52,21 @@ def execute(job: Job, stages: list[Stage], echo=print) -> dict:
         store.build(stage, lambda tmp, s=stage: RUNNERS[s.kind](s, job, tmp), started=time.time())
         echo(f"[{i}/{len(stages)}] {stage.kind} {stage.label}: done in {time.perf_counter() - started:.0f} s "
              f"-> {store.folder(stage)}")
+    link_outputs(store, stages)
     final = stages[-1]
     for name in PUBLISHED:
         store.publish(name, store.folder(final) / name)
     return store.record(final)
+
+
+def link_outputs(store: Store, stages: list[Stage]) -> None:
+    """What a user takes elsewhere (``mops-serve``, ``mops.load``) under names a person can type:
+    ``pruned/<setting>`` is a pruned checkpoint, ``adapters/<setting>-<method>`` its adapter."""
+    for stage in stages:
+        if stage.kind == "prune":
+            store.link(f"pruned/{stage.label}", store.folder(stage) / prune_stage.CHECKPOINT)
+        elif stage.kind == "recover":
+            store.link(f"adapters/{stage.label.replace('/', '-')}", store.folder(stage) / recover_stage.ADAPTER)
 
 
 def write_index(store: Store, stages: list[Stage]) -> None:

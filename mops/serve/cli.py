@@ -1,6 +1,6 @@
 """``mops-serve``: a pruned base (and a MoPs adapter) behind an OpenAI-compatible HTTP API.
 
-    mops-serve --base runs/demo/sparsegpt-2of4 --adapter runs/demo/mops --port 8000
+    mops-serve --base runs/demo/pruned/sparsegpt-2of4 --adapter runs/demo/adapters/sparsegpt-2of4-mops --port 8000
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true`` for
 server-sent events), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus).
