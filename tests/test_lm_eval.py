@@ -81,7 +81,8 @@ def empty_adapter(tiny_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gated_adapter(tiny_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("gated") / "adapter"
-    write_adapter(tiny_dir, folder, n_experts=3, prompt_len=4, gate="mops", gate_layer=1, inject_layer=1)
+    write_adapter(tiny_dir, folder, n_experts=3, prompt_len=4, gate="mops", combine="interpolate",
+                  gate_layer=1, inject_layer=1)  # m = 4 prompt positions
     return str(folder)
 
 

@@ -127,6 +127,8 @@ class Store:
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(os.path.relpath(target, path.parent))
+        if path.is_dir() and not path.is_symlink():  # a copy of the folder made without links
+            shutil.rmtree(path)
         os.replace(tmp, path)
         return path
 
