@@ -180,7 +180,7 @@ def test_bad_shapes_are_refused():
 def test_reference_is_the_mops_module():
     """The reference's semantics are MoPsGate.from_pooled followed by Mixture.forward."""
     torch.manual_seed(0)
-    mixture = Mixture(MixtureConfig(n_experts=3, prompt_len=4, gate="mops", gate_hidden=16, temperature=TAU), 24,
+    mixture = Mixture(MixtureConfig(n_experts=3, prompt_len=4, gate="mops", combine="interpolate", gate_hidden=16, temperature=TAU), 24,
                       init=torch.randn(3, 4, 24))
     assert isinstance(mixture.gate, MoPsGate)
     pooled = torch.randn(5, 24)
@@ -197,7 +197,7 @@ def test_kernels_on_the_mops_module_parameters():
     """What Mixture runs on CUDA (the gate kernel on its nn.Linear weights, then the mix
     kernel on its experts) equals its PyTorch path, gradients into its parameters included."""
     torch.manual_seed(0)
-    config = MixtureConfig(n_experts=4, prompt_len=3, gate="mops", gate_hidden=20, temperature=TAU)
+    config = MixtureConfig(n_experts=4, prompt_len=3, gate="mops", combine="interpolate", gate_hidden=20, temperature=TAU)
     mixture = Mixture(config, 40, init=torch.randn(4, 3, 40)).to(DEVICE)
     pooled = torch.randn(6, 40, device=DEVICE)
     target = torch.randn(6, 3, 40, device=DEVICE)
@@ -224,7 +224,7 @@ def test_mops_module_on_cpu_never_imports_triton():
     """The CPU path of Mixture is PyTorch only: Triton is imported lazily, on CUDA."""
     code = ("import sys, torch\n"
             "from mops.mixture import Mixture, MixtureConfig\n"
-            "m = Mixture(MixtureConfig(n_experts=3, prompt_len=2, gate='mops'), 8)\n"
+            "m = Mixture(MixtureConfig(n_experts=3, prompt_len=2, gate='mops', combine='interpolate', gate_hidden=8), 8)\n"
             "w = m.gate_weights(torch.randn(2, 5, 8), torch.ones(2, 5, dtype=torch.bool), 2)\n"
             "assert m(w)[0].shape == (2, 2, 8)\n"
             "print('triton' in sys.modules)\n")

@@ -432,7 +432,7 @@ def test_a_client_that_leaves_frees_its_row(long_tiny_dir):
         wait_for(lambda: eng.running == 0, 10, "the row to be freed")
         # The same for a client that stops waiting for a whole (non-streamed) reply.
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "Go on", "max_tokens": 15000},
+            httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "Go on", "max_tokens": 15000, "temperature": 0},
                        timeout=httpx.Timeout(10, read=1.0))
         wait_for(lambda: eng.running == 0, 10, "the row to be freed")
         counts = metrics(url)
