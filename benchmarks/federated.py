@@ -40,8 +40,6 @@ prompt-equal uniform lora``; ``:`` overrides of the mixture or the training (as 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import math
 import re
@@ -61,7 +59,7 @@ from mops.errors import UserError
 from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, verdict
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL
-from mops.outputs import library_versions, write_json_atomic
+from mops.outputs import library_versions, results_lock, write_json_atomic
 from mops.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -390,15 +388,6 @@ def protocol(args) -> dict:
                                                  "training": {k: t[k] for k in ("lr", "gate_lr", "warm_steps", "balance",
                                                                                  "gate_pretrain_steps",
                                                                                  "gate_pretrain_lr")}}
-
-
-@contextlib.contextmanager
-def results_lock(out_json: Path):
-    """Held while a run reads, merges and rewrites the results file (parts may run at once)."""
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_json.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def todo(args) -> list[tuple[str, str, Method | None, int | None]]:

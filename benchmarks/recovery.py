@@ -28,8 +28,6 @@ README lists what was tried); ``--experts``, ``--prompt-len`` and the layers set
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import re
 import sys
@@ -49,7 +47,7 @@ from mops.gate_analysis import draw_heatmaps
 from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
-from mops.outputs import library_versions, write_json_atomic
+from mops.outputs import library_versions, results_lock, write_json_atomic
 from mops.prune import PruneConfig
 from mops.prune.config import MISSION_SETTINGS
 from mops.prune.core import prune_to_folder
@@ -126,16 +124,6 @@ def same_protocol(saved: dict, now: dict) -> bool:
 def _training_defaults() -> dict:
     t = asdict(TrainConfig())
     return {k: t[k] for k in ("warm_steps", "balance", "gate_pretrain_lr")}
-
-
-@contextlib.contextmanager
-def results_lock(out_json: Path):
-    """Held while a run reads, merges and rewrites the results file, so that runs on other
-    settings or methods can share it."""
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_json.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def main(argv=None) -> None:

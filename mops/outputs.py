@@ -8,6 +8,7 @@ checkpoint that looks finished, and a failed run never damages what was there be
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -17,6 +18,16 @@ from pathlib import Path
 from typing import Iterator
 
 from mops.errors import UserError
+
+
+@contextlib.contextmanager
+def results_lock(out_json: Path) -> Iterator[None]:
+    """Held while a run reads, merges and rewrites a results file, so that several runs of a
+    benchmark (other settings, methods or seeds) can share it."""
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_json.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
