@@ -16,7 +16,12 @@ Clients: at each level of concurrency (1, 4, 16, 64), that many clients each sen
 the held-out test split of the recovery data in the toolkit's instruction template, in an
 order that mixes categories (so a batch mixes tasks). A level ends after its number of
 requests, or once its time budget is spent (no new requests are sent; those in flight
-finish, each within the request timeout). Measured per server and level: generated tokens
+finish, each within the request timeout). Every reply is ``max_tokens`` tokens long
+(``ignore_eos``, vLLM's extension, which ``mops-serve`` implements; ``transformers serve``
+gets the same through its ``generation_config`` field): the recovered model ends its
+replies earlier than the bare base, and tokens/s over replies of different lengths would
+measure the replies, not the servers (``--natural-length`` measures them as they come, with
+each server's mean reply length in the table). Measured per server and level: generated tokens
 per second (the servers' own usage counts, over the level's wall time), time to first token
 and latency (p50 / p95 / p99), completed, failed (an error answer), lost (no complete answer:
 a dropped connection, a timeout, a stream without its end) and rejected (a 503) requests.
@@ -94,6 +99,8 @@ def parse_args(argv):
     p.add_argument("--out-dir", default=None, help=f"default: {RESULTS} ({'runs/serving_quick'} with --quick)")
     p.add_argument("--work-dir", default="runs/serving", help="server logs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--natural-length", action="store_true",
+                   help="let replies end at the end-of-sequence token (default: every reply max_tokens long)")
     p.add_argument("--quick", action="store_true", help="a smoke run: levels 1 and 4, 4 requests each, 8 tokens")
     args = p.parse_args(argv)
     if args.quick:
@@ -225,6 +232,11 @@ class Outcome:
 async def one_request(client: httpx.AsyncClient, server: Server, item: dict, args) -> Outcome:
     body = {"model": server.model, "prompt": item["prompt"], "max_tokens": args.max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
+    if not args.natural_length:  # every reply max_tokens long: the same work for every server
+        if server.name == "transformers-serve":
+            body["generation_config"] = json.dumps({"eos_token_id": -1, "do_sample": False})
+        else:
+            body["ignore_eos"] = True
     began = time.perf_counter()
     ttft, tokens, finished = None, None, False
     try:
@@ -304,6 +316,7 @@ def summarize(outcomes: list[Outcome], wall: float, clients: int, planned: int) 
            "rejected": sum(o.status == "rejected" for o in outcomes),
            "clean_503": sum(o.clean_503 for o in outcomes), "generated_tokens": tokens, "wall_s": wall,
            "tokens_per_s": tokens / wall if wall > 0 else None,
+           "requests_per_s": len(done) / wall if wall > 0 else None,
            "mean_tokens_per_request": statistics.mean(o.tokens for o in done) if done else None,
            "categories": len({o.category for o in outcomes})}
     for name, values in (("ttft", ttft), ("latency", latency)):
@@ -418,15 +431,20 @@ def markdown(report: dict) -> str:
              f"{p['max_tokens']}, prompts from the held-out test split of {p['data']} ({p['prompts']} prompts of at "
              f"most {p['max_prompt_tokens']} tokens, {p['categories']} categories, interleaved so batches mix tasks). "
              f"A level sends max({p['min_requests']}, {p['requests_per_client']} x clients) requests, or stops sending "
-             f"after {p['level_seconds']:.0f} s. Tokens are the servers' own usage counts; tokens/s is over the level's "
+             f"after {p['level_seconds']:.0f} s. "
+             + ("Replies end at the end-of-sequence token (`--natural-length`). " if p.get("natural_length") else
+                f"Every reply is {p['max_tokens']} tokens (`ignore_eos`; transformers serve: `generation_config` "
+                "with `eos_token_id` -1), so every server does the same work. ")
+             + "Tokens are the servers' own usage counts; tokens/s is over the level's "
              f"wall time. TTFT: time to the first streamed text.", "",
-             "| server | clients | tok/s | TTFT p50 / p95 / p99 (s) | latency p50 / p95 / p99 (s) | completed | failed | lost | 503 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| server | clients | tok/s | req/s | tokens / reply | TTFT p50 / p95 / p99 (s) | latency p50 / p95 / p99 (s) | completed | failed | lost | 503 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
         for lv in r["levels"]:
             ttft = " / ".join(fmt(lv[f"ttft_p{q}_s"]) for q in (50, 95, 99))
             lat = " / ".join(fmt(lv[f"latency_p{q}_s"]) for q in (50, 95, 99))
-            lines.append(f"| {r['label']} | {lv['clients']} | {fmt(lv['tokens_per_s'], '.1f')} | {ttft} | {lat} | "
+            lines.append(f"| {r['label']} | {lv['clients']} | {fmt(lv['tokens_per_s'], '.1f')} | "
+                         f"{fmt(lv.get('requests_per_s'))} | {fmt(lv['mean_tokens_per_request'], '.1f')} | {ttft} | {lat} | "
                          f"{lv['completed']}/{lv['sent']} | {lv['failed']} | {lv['lost']} | {lv['rejected']} |")
     notes = [f"- {r['label']}: {r['note']}" for r in report["results"] if r["note"]]
     if notes:
@@ -507,7 +525,7 @@ def main(argv=None) -> None:
             "max_prompt_tokens": args.max_prompt_tokens, "max_tokens": args.max_tokens, "clients": args.clients,
             "requests_per_client": args.requests, "min_requests": args.min_requests,
             "level_seconds": args.level_seconds, "max_batch": args.max_batch, "max_queue": args.max_queue,
-            "threads": args.threads, "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
+            "threads": args.threads, "natural_length": args.natural_length, "machine": f"{os.cpu_count()} CPU cores ({platform.machine()})",
             "command": "python benchmarks/serving.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "versions": library_versions(), "when": time.strftime("%Y-%m-%d %H:%M:%S"),
         },

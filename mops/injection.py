@@ -155,11 +155,19 @@ class PromptedLM(nn.Module):
                 gate_states = hidden
         return at_inject, gate_states, positions
 
-    def upper(self, hidden, keys, positions, prompt, bias, cache=None):
-        """Prepend the prompt at the injection layer and run the remaining layers."""
+    def upper(self, hidden, keys, positions, prompt, bias, cache=None, prompt_kv=None):
+        """Prepend the prompt at the injection layer and run the remaining layers.
+
+        With ``prompt_kv`` (:meth:`shared_prompt_kv`, a prompt every input shares) the
+        prompt's keys and values go into ``cache`` as they are and only the input runs."""
         B, M = hidden.shape[0], prompt.shape[1]
         dtype = hidden.dtype
         additive = self._additive(bias)
+        if prompt_kv is not None:
+            for i, (k, v) in enumerate(prompt_kv, start=self.inject_layer):
+                cache.update(k.expand(B, -1, -1, -1).contiguous(), v.expand(B, -1, -1, -1).contiguous(), i)
+            mask = input_rows_mask(keys, M, keys.shape[1], bias, additive, dtype)
+            return self._run(hidden, self.layers[self.inject_layer :], mask, positions + M, cache)
         mask = torch.cat([prompt_rows_mask(M, keys, additive, dtype),
                           input_rows_mask(keys, M, keys.shape[1], bias, additive, dtype)], dim=2)
         hidden = torch.cat([prompt.to(dtype).expand(B, -1, -1), hidden], dim=1)
@@ -167,6 +175,29 @@ class PromptedLM(nn.Module):
         positions = torch.cat([prompt_positions, positions + M], dim=1)
         hidden = self._run(hidden, self.layers[self.inject_layer :], mask, positions, cache)
         return hidden[:, M:]
+
+    @torch.no_grad()
+    def shared_prompt_kv(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The keys and values (1 x kv_heads x M x head_dim per layer in [l, L)) of a prompt
+        every input shares, or None when the prompt depends on the input or is empty.
+
+        Prompt positions attend only to earlier prompt positions, so in ``attention`` mode
+        (or with a uniform gate) their keys and values are the same for every request: a
+        server computes them once, and a request's prefill runs only its own tokens above l.
+        """
+        if not self.mixture.prompt_is_shared or not self.mixture.prompt_positions:
+            return None
+        from transformers import DynamicCache
+
+        K = self.mixture.config.n_experts
+        prompt, _ = self.mixture(torch.full((1, K), 1.0 / K, device=self.base.device))
+        M = prompt.shape[1]
+        cache = DynamicCache(config=self.base.config)
+        dtype = self.base.model.embed_tokens.weight.dtype
+        mask = torch.ones(M, M, dtype=torch.bool, device=prompt.device).tril()[None, None]
+        self._run(prompt.to(dtype), self.layers[self.inject_layer :], _as_mask(mask, self._additive(None), dtype),
+                  torch.arange(M, device=prompt.device)[None], cache)
+        return [(layer.keys, layer.values) for layer in cache.layers[self.inject_layer :]]
 
     def mix(self, gate_states, gate_mask, batch: int, gate_weights=None):
         weights = gate_weights if gate_weights is not None else self.mixture.gate_weights(gate_states, gate_mask, batch)
@@ -286,7 +317,8 @@ class PromptedLM(nn.Module):
         keys = attention_mask.bool()
         hidden, gate_states, positions = self.lower(input_ids, attention_mask, cache)
         weights, prompt, bias = self.mix(gate_states, keys, input_ids.shape[0])
-        hidden = self.upper(hidden, keys, positions, prompt, bias, cache)
+        # A shared prompt's keys and values are computed alone, as mops-serve computes them once.
+        hidden = self.upper(hidden, keys, positions, prompt, bias, cache, self.shared_prompt_kv())
         # Each row continues from its own last real token (left or right padding).
         last = keys.shape[1] - 1 - keys.flip(1).long().argmax(1)
         next_hidden = hidden[torch.arange(len(last)), last]

@@ -127,6 +127,11 @@ class Mixture(nn.Module):
         return not isinstance(self.gate, UniformGate)
 
     @property
+    def prompt_is_shared(self) -> bool:
+        """Every input gets the same prompt vectors (only its attention bias may differ)."""
+        return self.config.combine == "attention" or isinstance(self.gate, UniformGate)
+
+    @property
     def prompt_positions(self) -> int:
         """Positions the prompt occupies in front of every input: m, or K*m (plus ATTEMPT's
         target prompt) in ``attention`` mode, plus the shared prompt; what a request's prefill

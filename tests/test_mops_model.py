@@ -135,6 +135,34 @@ def test_left_and_right_padding_give_the_same_logits_and_generations(tiny):
     assert torch.equal(gen_left, gen_alone)
 
 
+@pytest.mark.parametrize("combine,gate,shared", [("attention", "mops", True), ("attention", "attempt", True),
+                                                  ("interpolate", "uniform", True), ("interpolate", "mops", False)])
+def test_a_shared_prompts_keys_and_values_computed_once_give_the_full_forwards_states(tiny, combine, gate, shared):
+    """What PromptedLM.generate and mops-serve do: the prompt alone through the upper layers
+    once, then only the input's tokens (its gate bias on the prompt's columns)."""
+    from transformers import DynamicCache
+
+    model, _ = tiny
+    torch.manual_seed(2)
+    lm = prompted(model, init=torch.randn(4, 3, model.config.hidden_size) * 0.3, n_experts=3, prompt_len=3,
+                  combine=combine, gate=gate, gate_layer=1, inject_layer=1)
+    assert lm.mixture.prompt_is_shared == shared
+    kv = lm.shared_prompt_kv()
+    if not shared:  # each input's own interpolated prompt: nothing to share
+        assert kv is None
+        return
+    assert len(kv) == model.config.num_hidden_layers - 1 and kv[0][0].shape[2] == lm.mixture.prompt_positions
+    ids, mask = batch(seed=7, T=10, pad_row_from=6)
+    keys = mask.bool()
+    with torch.no_grad():
+        hidden, gate_states, positions = lm.lower(ids, mask)
+        _, prompt, bias = lm.mix(gate_states, keys, 2)
+        full = lm.upper(hidden, keys, positions, prompt, bias, DynamicCache(config=model.config))
+        once = lm.upper(hidden, keys, positions, prompt, bias, DynamicCache(config=model.config), prompt_kv=kv)
+    torch.testing.assert_close(once[0], full[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(once[1, :6], full[1, :6], rtol=1e-5, atol=1e-5)
+
+
 def test_without_prompt_generation_equals_the_base_generate(tiny):
     model, _ = tiny
     lm = prompted(model, n_experts=2, prompt_len=0, gate_layer=1, inject_layer=1)

@@ -195,6 +195,23 @@ def test_a_stop_string_ends_the_reply_before_it_streamed_or_not(server):
     assert "".join(ch.choices[0].text for ch in streamed) == cut
 
 
+def test_ignore_eos_generates_max_tokens_past_the_end_of_sequence_token(server):
+    url, eng = server
+    c = client(url)
+    prompt = "### Instruction:\nCount.\n\n### Response:\n"
+    tokens = run_engine(eng, [eng.tokenizer(prompt)["input_ids"]], SamplingParams(max_tokens=6, temperature=0))[0]
+    eos = eng.eos
+    eng.eos = {tokens[0]}  # the reply's first token now ends it
+    try:
+        ended = c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+        kept = c.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    finally:
+        eng.eos = eos
+    assert ended.choices[0].finish_reason == "stop" and ended.usage.completion_tokens == 1
+    assert kept.choices[0].finish_reason == "length" and kept.usage.completion_tokens == 6
+
+
 def test_text_stream_holds_back_what_may_start_a_stop_string(tokenizer):
     ids = tokenizer("The cat sat on the mat. The end")["input_ids"]
     stream = TextStream(tokenizer, stop=("mat.",))
@@ -418,6 +435,23 @@ def test_past_the_queue_bound_a_request_gets_a_clean_503_with_retry_after(long_t
         counts = metrics(url)
     assert counts["mops_serve_requests_total{endpoint=completions,outcome=overloaded}"] == 8
     assert counts["mops_serve_requests_total{endpoint=completions,outcome=completed}"] == 1
+
+
+def test_a_burst_gets_exactly_max_batch_plus_max_queue_requests_in(long_tiny_dir):
+    """Requests being prefilled count toward the bound: a burst of 10 at --max-batch 2
+    --max-queue 2 gets 4 in and 6 clean 503s, however the engine's admission interleaves."""
+    with serving(long_tiny_dir, max_batch=2, max_queue=2, max_context=16000) as (url, eng):
+        def attempt(_):
+            try:
+                r = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "Hold", "max_tokens": 15000,
+                                                              "temperature": 0, "stream": True}, timeout=5)
+            except httpx.ReadTimeout:
+                return 200  # accepted: its stream is still running
+            return r.status_code
+
+        codes = send_together(attempt, range(10))
+        assert sorted(codes) == [200] * 4 + [503] * 6
+        wait_for(lambda: eng.running == 0 and eng.waiting == 0, 60, "the accepted requests to be cancelled")
 
 
 def test_a_client_that_leaves_frees_its_row(long_tiny_dir):

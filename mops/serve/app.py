@@ -128,7 +128,7 @@ class Service:
         temperature = 1.0 if body.temperature is None else body.temperature
         top_p = 1.0 if body.top_p is None else body.top_p
         return SamplingParams(max_tokens=limit, temperature=temperature, top_p=top_p, stop=tuple(body.stop or ()),
-                              seed=body.seed)
+                              seed=body.seed, ignore_eos=bool(body.ignore_eos))
 
     # ------------------------------------------------------------------ a request
     async def generate(self, http: Request, body, endpoint: str) -> Response:

@@ -6,7 +6,8 @@ thread loops:
 1. rows whose client left are dropped (their slot is free for the next request);
 2. waiting requests take the free rows: each is prefilled *alone*, exactly as
    :meth:`PromptedLM.generate` does it (the layers below the injection layer on its
-   tokens, its own gate weights from its instruction, its own prompt, the layers above),
+   tokens, its own gate weights from its instruction, its own prompt, the layers above;
+   a prompt every request shares has its keys and values computed once, at start-up),
    its keys and values, prompt positions included, are copied into its slot
    (:mod:`mops.serve.kv_slots`), and its first token is chosen;
 3. one decode step runs every running row: each row feeds its last token at its own
@@ -79,6 +80,7 @@ class Request:
         self.on_output = on_output
         self.cancelled = threading.Event()
         self.arrived = time.perf_counter()
+        self.finished = False  # set (under the engine's lock) by its last output
 
 
 @dataclass
@@ -121,9 +123,14 @@ class Engine:
                                SlotStore(self.n_layers - self.inject_layer,
                                          max_length=self.prompt_len + self.max_context, **store),
                                self.inject_layer)
+        # A prompt every request shares runs through the upper layers once, here; prefill
+        # then pays only for the request's own tokens (PromptedLM.generate does the same).
+        with torch.inference_mode():
+            self.prompt_kv = lm.shared_prompt_kv()
         self.shapes: BatchShapes | None = None
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
+        self._in_flight = 0  # submitted and not yet finished (waiting, being prefilled or running)
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -159,15 +166,19 @@ class Engine:
         return len(self._rows)
 
     def submit(self, request: Request) -> None:
-        """Queue a request; :class:`QueueFull` past ``max_queue`` waiting requests."""
+        """Queue a request; :class:`QueueFull` past ``max_batch`` running and ``max_queue``
+        waiting requests. The bound counts every request not yet finished, those being
+        prefilled included, so a burst gets exactly ``max_batch + max_queue`` in."""
         if len(request.prompt_ids) + request.params.max_tokens > self.max_context:
             raise ValueError(f"{len(request.prompt_ids)} prompt tokens + max_tokens {request.params.max_tokens} "
                              f"exceed the context of {self.max_context}")
         with self._wake:
             if not self.alive:
                 raise EngineStopped("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (the bound is {self.max_queue})")
+            if self._in_flight >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{self._in_flight} requests are already in flight (the bound is {self.max_batch} "
+                                f"running + {self.max_queue} waiting)")
+            self._in_flight += 1
             self._waiting.append(request)
             self._wake.notify()
 
@@ -223,6 +234,11 @@ class Engine:
                                          prompt_tokens=len(request.prompt_ids)))
 
     def _report(self, request: Request, output: Output) -> None:
+        if output.finished:
+            with self._wake:
+                if not request.finished:  # its place in the bound is free
+                    request.finished = True
+                    self._in_flight -= 1
         try:
             request.on_output(output)
         except Exception:  # a client's callback must not stop the engine
@@ -266,7 +282,7 @@ class Engine:
         cache = DynamicCache(config=model.config)
         hidden, gate_states, positions = lm.lower(ids, mask, cache)
         _, prompt, bias = lm.mix(gate_states, keys, 1)
-        hidden = lm.upper(hidden, keys, positions, prompt, bias, cache)
+        hidden = lm.upper(hidden, keys, positions, prompt, bias, cache, self.prompt_kv)
         logits = model.lm_head(model.model.norm(hidden[:, -1])).float()
         slot = len(self._rows)
         layers = cache.layers
@@ -292,7 +308,7 @@ class Engine:
         if self.metrics is not None:
             self.metrics.generated_tokens.inc()
         finish = None
-        if token in self.eos:
+        if token in self.eos and not row.request.params.ignore_eos:
             text, finish = row.text.flush(), "stop"
         else:
             text, stopped = row.text.push(token)
@@ -325,8 +341,8 @@ class Engine:
         tokens = torch.tensor([r.last_token for r in rows] + pad, device=self.device)[:, None]
         cached = torch.tensor([r.cached for r in rows] + pad, device=self.device)
         M = self.prompt_len
-        self.cache.lower.reserve(int(cached.max()) + 1)
-        self.cache.upper.reserve(M + int(cached.max()) + 1)
+        self.cache.lower.reserve(b, int(cached.max()) + 1)  # padding rows read slots n..b-1
+        self.cache.upper.reserve(b, M + int(cached.max()) + 1)
         masks = DecodeMasks(self._mask(cached + 1, 0, rows), self._mask(M + cached + 1, M, rows), self.inject_layer)
         self.cache.begin_step(cached, cached + M)
         model = self.model

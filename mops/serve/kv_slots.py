@@ -9,9 +9,13 @@ With a Mixture of Prompts the layers come in two groups with different contents
 from it on, the request's prompt positions first (its own mixture in ``interpolate`` mode,
 all experts in ``attention`` mode), then its tokens. Each group has its own store.
 
-Memory: ``rows x kv_heads x capacity x head_dim`` per layer for keys and values, the
-capacity growing (by doubling, in whole key blocks) up to the longest context the engine
-accepts, so a server never holds more than ``max_batch`` full contexts. Stores start as
+Memory: ``rows x kv_heads x capacity x head_dim`` per layer for keys and values, the rows
+growing (by doubling) up to ``max_batch`` as more requests run at once, and the capacity
+(by doubling, in whole key blocks) up to the longest context the engine accepts, so a
+server never holds more than ``max_batch`` full contexts, and holds about what its busiest
+moment needed. (Growing copies every layer into fresh memory: on the 2-core machine here
+about a second per 500 MB, so a store sized for 64 rows when 4 run would stall every
+growth 16 times longer.) Stores start as
 zeros and only ever hold finite values: positions a mask hides get probability exactly 0,
 and 0 times a finite value adds nothing (0 times NaN would).
 """
@@ -32,36 +36,42 @@ class SlotStore:
 
     def __init__(self, n_layers: int, rows: int, kv_heads: int, head_dim: int, max_length: int,
                  dtype: torch.dtype, device):
-        self.shape = (rows, kv_heads, 0, head_dim)
-        self.max_capacity = round_up(max_length)
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.max_rows, self.max_capacity = rows, round_up(max_length)
         self.dtype, self.device = dtype, device
-        self.keys = [self._zeros(0) for _ in range(n_layers)]
-        self.values = [self._zeros(0) for _ in range(n_layers)]
+        self.keys = [self._zeros(0, 0) for _ in range(n_layers)]
+        self.values = [self._zeros(0, 0) for _ in range(n_layers)]
 
-    def _zeros(self, capacity: int) -> torch.Tensor:
-        rows, kv, _, d = self.shape
-        return torch.zeros(rows, kv, capacity, d, dtype=self.dtype, device=self.device)
+    def _zeros(self, rows: int, capacity: int) -> torch.Tensor:
+        return torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=self.dtype, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return self.keys[0].shape[0] if self.keys else 0
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def reserve(self, length: int) -> None:
-        """Make room for ``length`` positions in every slot (keeping what is there)."""
-        if length <= self.capacity or not self.keys:
+    def reserve(self, rows: int, length: int) -> None:
+        """Make room for ``rows`` slots of ``length`` positions (keeping what is there)."""
+        if (rows <= self.rows and length <= self.capacity) or not self.keys:
             return
-        if length > self.max_capacity:
-            raise ValueError(f"{length} positions: more than this store's {self.max_capacity}")
-        capacity = min(max(round_up(length), 2 * self.capacity), self.max_capacity)
+        if length > self.max_capacity or rows > self.max_rows:
+            raise ValueError(f"{rows} rows of {length} positions: more than this store's {self.max_rows} "
+                             f"of {self.max_capacity}")
+        new_rows = self.rows if rows <= self.rows else min(max(rows, 2 * self.rows), self.max_rows)
+        capacity = self.capacity if length <= self.capacity else \
+            min(max(round_up(length), 2 * self.capacity), self.max_capacity)
         for tensors in (self.keys, self.values):
             for i, old in enumerate(tensors):
-                new = self._zeros(capacity)
-                new[:, :, : old.shape[2]] = old
+                new = self._zeros(new_rows, capacity)
+                new[: old.shape[0], :, : old.shape[2]] = old
                 tensors[i] = new
 
     def load(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """A prefilled request's keys and values (per layer 1 x kv_heads x T x head_dim) into ``slot``."""
-        self.reserve(keys[0].shape[2] if keys else 0)
+        self.reserve(slot + 1, keys[0].shape[2] if keys else 0)
         for store, new in zip(self.keys + self.values, keys + values):
             store[slot, :, : new.shape[2]] = new[0]
 

@@ -22,6 +22,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # the end-of-sequence token is a token like any other
 
     @property
     def greedy(self) -> bool:

@@ -3,7 +3,9 @@
 Every field of OpenAI's completions and chat completions requests is accepted by name.
 Fields this server implements: ``model``, ``prompt`` / ``messages``, ``max_tokens`` (and
 chat's ``max_completion_tokens``), ``temperature``, ``top_p``, ``stop``, ``seed``,
-``stream``, ``stream_options.include_usage``, ``user`` (ignored). The others are accepted
+``stream``, ``stream_options.include_usage``, ``user`` (ignored), and vLLM's extension
+``ignore_eos`` (generate ``max_tokens`` tokens whatever the model's end-of-sequence token
+says; stop strings still end a reply: what load tests use for replies of equal length). The others are accepted
 at their default value only (``n = 1``, no penalties, no logprobs, no tools, ...): any
 other value is a 400 naming the field, never silently ignored. An unknown field is a 400
 too, as with OpenAI's API.
@@ -48,6 +50,7 @@ class GenerationFields(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    ignore_eos: bool | None = False  # vLLM's extension: only max_tokens and stop strings end the reply
 
     @field_validator("n")
     @classmethod
