@@ -207,7 +207,7 @@ def federated_command(args, base: Path, method: Method, partition: str, seed: in
             "--seed", str(seed), "--split-seed", str(args.split_seed), "--method", method.spec, "--no-base-score",
             "--client-cpus", str(args.client_cpus)]
     for flag, value in (("--experts", args.experts), ("--prompt-len", args.prompt_len), ("--gate-lr", args.gate_lr),
-                        ("--lr", args.lora_lr if method.is_lora else args.lr)):
+                        ("--lr", args.lr), ("--lora-lr", args.lora_lr)):
         if value is not None:
             cmd += [flag, str(value)]
     for key, value in o.items():

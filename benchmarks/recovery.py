@@ -213,8 +213,7 @@ def cell_key(setting: str, spec: str, seed: int | None) -> str:
 def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates) -> dict:
     torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
     mixture, extra, about = prepare(spec, model, budget)
-    lora = spec.name in ("lora", "lora-equal")
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lora_lr if lora else args.lr,
+    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
                          gate_lr=args.gate_lr, gate_pretrain_steps=args.gate_pretrain_steps,
                          gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len,
                          eval_every=args.steps, checkpoint_every=args.steps, seed=seed)

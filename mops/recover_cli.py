@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per micro-batch (default: {d.batch_size})")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--lr", type=float, default=d.lr, help=f"experts' learning rate (default: {d.lr})")
+    t.add_argument("--lora-lr", type=float, default=d.lora_lr, help="LoRA's learning rate (with --method lora or "
+                   f"lora-equal) (default: {d.lora_lr})")
     t.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gate's learning rate in joint training; 0 keeps "
                    f"the gate as pretrained (default: {d.gate_lr})")
     t.add_argument("--warm-steps", type=int, default=d.warm_steps, help="steps with the gate held uniform before it "
@@ -125,7 +127,8 @@ def main(argv=None) -> None:
     config = TrainConfig(args.steps, args.batch_size, args.grad_accum, args.lr, args.gate_lr, args.gate_pretrain_steps,
                          args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
-                         mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance)
+                         mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance,
+                         lora_lr=args.lora_lr)
     config.validate()
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")

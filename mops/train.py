@@ -21,7 +21,7 @@ Prompts on a frozen (pruned) model.
    training, after gate pretraining, midway and at the end.
 
 The same loop trains the ``lora`` baseline: ``extra_params`` (LoRA tensors inside the
-base, :mod:`mops.lora`) train with ``lr`` beside an empty mixture (m = 0, l = 0).
+base, :mod:`mops.lora`) train with ``lora_lr`` beside an empty mixture (m = 0, l = 0).
 
 Batches are a pure function of (seed, step), so a resumed run sees the same batches as an
 uninterrupted one and ends with the same adapter.
@@ -61,7 +61,7 @@ class TrainConfig:
     steps: int = 200
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 0.3  # experts, ATTEMPT's target prompt, LoRA's tensors (chosen for prompts on validation; LoRA wants ~2e-3)
+    lr: float = 0.3  # experts, ATTEMPT's target prompt, a shared prompt (chosen for prompts on validation)
     gate_lr: float = 3e-3  # the gate: slower, "two-speed" learning rates; 0 keeps it as pretrained
     gate_pretrain_steps: int = 50
     gate_pretrain_lr: float = 1e-2
@@ -74,6 +74,7 @@ class TrainConfig:
     mixed_precision: str = "no"
     warm_steps: int = 0  # steps with the gate held uniform before it routes
     balance: float = 0.0  # weight of the load-balancing term
+    lora_lr: float = 2e-3  # LoRA's tensors (the lora baselines): a hundred times smaller than the prompts'
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "checkpoint_every",
@@ -85,7 +86,7 @@ class TrainConfig:
         for name in ("gate_pretrain_steps", "warm_steps"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
-        for name in ("lr", "gate_pretrain_lr"):
+        for name in ("lr", "gate_pretrain_lr", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive learning rate")
         for name in ("gate_lr", "balance"):
@@ -193,7 +194,9 @@ def trainable_groups(lm: PromptedLM, config: TrainConfig, extra_params=()) -> li
     # gate_lr 0 keeps the gate as pretrained (it leaves the optimizer altogether)
     gate = [p for p in lm.mixture.gate.parameters() if p.requires_grad] if config.gate_lr > 0 else []
     prompts = [p for n, p in lm.mixture.named_parameters() if not n.startswith("gate.")]
-    groups = [{"params": prompts + list(extra_params), "lr": config.lr, "name": "experts"}]
+    groups = [{"params": prompts, "lr": config.lr, "name": "experts"}]
+    if extra_params:
+        groups.append({"params": list(extra_params), "lr": config.lora_lr, "name": "lora"})
     if gate:
         groups.append({"params": gate, "lr": config.gate_lr, "name": "gate"})
     return groups

@@ -17,7 +17,8 @@ from mops.errors import UserError
 from mops.mixture import MixtureConfig
 from mops.eval.perplexity import response_perplexity
 from mops.models import load_model
-from mops.train import TrainConfig, recover
+from mops.injection import PromptedLM
+from mops.train import TrainConfig, recover, trainable_groups
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,7 +97,10 @@ def test_lora_trains_its_tensors_only_and_the_sparse_base_stays_as_it_was(tiny_d
     # LoRA's B starts at zero: the wrapped model scores exactly like the base
     assert response_perplexity(model, tok, splits["test"][:8], max_len=96, progress=False)["ppl"] == pytest.approx(before)
     lora_before = [p.clone() for p in extra]
-    lm, _ = recover(model, tok, splits, mixture, small(lr=1e-2), progress=False, extra_params=extra)
+    groups = trainable_groups(PromptedLM.bare(model), small(lr=0.3, lora_lr=1e-2), extra)
+    assert [(g["name"], g["lr"]) for g in groups] == [("experts", 0.3), ("lora", 1e-2)]  # LoRA at its own rate
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(p.numel() for p in extra)
+    lm, _ = recover(model, tok, splits, mixture, small(lora_lr=1e-2), progress=False, extra_params=extra)
     after = {n.replace("base_layer.", ""): p for n, p in model.named_parameters() if "lora_" not in n}
     assert set(after) == set(base) and all(torch.equal(after[n], base[n]) for n in base)  # unmerged, untouched
     assert any(not torch.equal(a, b) for a, b in zip(extra, lora_before))

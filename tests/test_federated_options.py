@@ -212,7 +212,7 @@ def fedadam_lora_run(tiny_dir, tmp_path_factory):
     from mops.federated.server_app import CKPT_STATE, checkpoint_dir_for
 
     config = tiny_config(tiny_dir, strategy="fedadam", server_lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3,
-                         method="lora:lr=0.01", lora_rank=2)
+                         method="lora:lora_lr=0.01", lora_rank=2)
     out = tmp_path_factory.mktemp("fedadam") / "adapter"
     with pytest.raises(StopAfterRound1):  # Flower re-raises what stopped the ServerApp
         run_federated(config, out, save_rounds=True, quiet=True, on_round=stop_after_round_1)

@@ -98,7 +98,7 @@ class FederatedConfig:
         return MixtureConfig(**self.mixture)
 
     def train_config(self) -> TrainConfig:
-        """Each client's training settings, with the method's overrides (``lora:lr=2e-3``)."""
+        """Each client's training settings, with the method's overrides (``lora:lora_lr=1e-3``)."""
         known = {f.name for f in fields(TrainConfig)}
         config = TrainConfig(**{k: v for k, v in self.train.items() if k in known})
         return replace(config, **self.method_spec().training)

@@ -378,7 +378,7 @@ RUN_CONFIG_KEYS = {  # [tool.flwr.app.config] key -> (FederatedConfig field, typ
     "eval-every-rounds": ("eval_every_rounds", int), "score-split": ("score_split", str), "split-seed": ("split_seed", int),
 }
 MIXTURE_KEYS = {"experts": "n_experts", "prompt-len": "prompt_len", "gate": "gate", "combine": "combine"}
-TRAIN_KEYS = ("lr", "gate-lr", "batch-size", "max-len", "gate-pretrain-steps", "gate-pretrain-examples", "eval-examples",
+TRAIN_KEYS = ("lr", "gate-lr", "lora-lr", "batch-size", "max-len", "gate-pretrain-steps", "gate-pretrain-examples", "eval-examples",
               "seed")
 
 

@@ -68,6 +68,7 @@ TRAIN_RULES = {
     "grad_accum": Annotated[int, Field(ge=1)],
     "lr": Annotated[float, Field(gt=0)],
     "gate_lr": Annotated[float, Field(ge=0)],
+    "lora_lr": Annotated[float, Field(gt=0)],
     "gate_pretrain_steps": Annotated[int, Field(ge=0)],
     "gate_pretrain_lr": Annotated[float, Field(gt=0)],
     "gate_pretrain_examples": Annotated[int, Field(ge=1)],
