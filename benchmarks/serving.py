@@ -436,7 +436,7 @@ def markdown(report: dict) -> str:
                 f"Every reply is {p['max_tokens']} tokens (`ignore_eos`; transformers serve: `generation_config` "
                 "with `eos_token_id` -1), so every server does the same work. ")
              + "Tokens are the servers' own usage counts; tokens/s is over the level's "
-             f"wall time. TTFT: time to the first streamed text.", "",
+             "wall time. TTFT: time to the first streamed text.", "",
              "| server | clients | tok/s | req/s | tokens / reply | TTFT p50 / p95 / p99 (s) | latency p50 / p95 / p99 (s) | completed | failed | lost | 503 |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in report["results"]:
