@@ -337,8 +337,8 @@ def markdown(results: dict, stem: str) -> str:
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     lines += ["", "## MoPs against each baseline",
               "",
-              "ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the test examples (2,000 resamples, "
-              "the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
+              f"ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the {p['score_split']} examples "
+              "(2,000 resamples, the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
               "kind is represented by its best variant in the file.",
               "",
               "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict |",
