@@ -33,7 +33,7 @@ from mops.mixture import Mixture, MixtureConfig
 METHODS = ("none", "prompt", "prompt-equal", "uniform", "attempt", "lora", "lora-equal", "mops")
 #: the baselines with the mixture's budget: the study's target is measured against each of them
 SAME_BUDGET = ("prompt-equal", "uniform", "attempt", "lora-equal")
-TRAIN_KEYS = ("lr", "gate_lr", "warm_steps", "balance", "gate_pretrain_steps", "gate_pretrain_lr",
+TRAIN_KEYS = ("lr", "gate_lr", "lora_lr", "warm_steps", "balance", "gate_pretrain_steps", "gate_pretrain_lr",
               "gate_pretrain_examples", "steps")
 MIXTURE_KEYS = tuple(f.name for f in fields(MixtureConfig) if f.name != "gate")
 
@@ -81,7 +81,7 @@ def parse_method(spec: str) -> MethodSpec:
                             f"{', '.join(MIXTURE_KEYS + TRAIN_KEYS)}")
         if key in MIXTURE_KEYS and name in ("none", "lora", "lora-equal"):
             raise UserError(f"method {spec!r}: {name} has no mixture to set {key} on")
-        kind = types.get(key, "float" if key in ("lr", "gate_lr", "balance", "gate_pretrain_lr") else "int")
+        kind = types.get(key, "float" if key in ("lr", "gate_lr", "lora_lr", "balance", "gate_pretrain_lr") else "int")
         try:
             parsed = value if "str" in str(kind) else None if value == "none" else (
                 float(value) if "float" in str(kind) else int(value))
