@@ -194,9 +194,9 @@ class PromptedLM(nn.Module):
         M = prompt.shape[1]
         cache = DynamicCache(config=self.base.config)
         dtype = self.base.model.embed_tokens.weight.dtype
-        mask = torch.ones(M, M, dtype=torch.bool, device=prompt.device).tril()[None, None]
-        self._run(prompt.to(dtype), self.layers[self.inject_layer :], _as_mask(mask, self._additive(None), dtype),
-                  torch.arange(M, device=prompt.device)[None], cache)
+        mask = prompt_rows_mask(M, torch.ones(1, 0, dtype=torch.bool, device=prompt.device), self._additive(None), dtype)
+        self._run(prompt.to(dtype), self.layers[self.inject_layer :], mask, torch.arange(M, device=prompt.device)[None],
+                  cache)
         return [(layer.keys, layer.values) for layer in cache.layers[self.inject_layer :]]
 
     def mix(self, gate_states, gate_mask, batch: int, gate_weights=None):
