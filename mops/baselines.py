@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, fields, replace
 from mops.errors import UserError
 from mops.lora import LORA_TARGETS, add_lora
 from mops.mixture import Mixture, MixtureConfig
+from mops.train import TrainConfig
 
 METHODS = ("none", "prompt", "prompt-equal", "uniform", "attempt", "lora", "lora-equal", "mops")
 #: the baselines with the mixture's budget: the study's target is measured against each of them
@@ -73,7 +74,7 @@ def parse_method(spec: str) -> MethodSpec:
     if name not in METHODS:
         raise UserError(f"method {name!r}: expected one of {', '.join(METHODS)}")
     mixture, training = {}, {}
-    types = {f.name: f.type for f in fields(MixtureConfig)}
+    types = {f.name: f.type for f in fields(MixtureConfig)} | {f.name: f.type for f in fields(TrainConfig)}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq or key not in MIXTURE_KEYS + TRAIN_KEYS:
@@ -81,7 +82,7 @@ def parse_method(spec: str) -> MethodSpec:
                             f"{', '.join(MIXTURE_KEYS + TRAIN_KEYS)}")
         if key in MIXTURE_KEYS and name in ("none", "lora", "lora-equal"):
             raise UserError(f"method {spec!r}: {name} has no mixture to set {key} on")
-        kind = types.get(key, "float" if key in ("lr", "gate_lr", "lora_lr", "balance", "gate_pretrain_lr") else "int")
+        kind = types[key]  # the dataclass field's annotation: "int", "float", "str", "int | None", ...
         try:
             parsed = value if "str" in str(kind) else None if value == "none" else (
                 float(value) if "float" in str(kind) else int(value))
