@@ -115,6 +115,7 @@ BAD = [
     (["--inject-layer", "-1"], "--inject-layer -1"),
     (["--gate", "router"], "--gate 'router'"),
     (["--steps", "0"], "--steps 0"),
+    (["--lora-lr", "0"], "--lora-lr 0.0: expected a positive learning rate"),
     (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'"),
     (["--max-len", "1"], "--max-len 1"),
     (["--prompt-len", "0"], "--prompt-len 0: nothing to train"),
