@@ -21,6 +21,7 @@ import openai
 import pytest
 import torch
 import transformers
+from torch.overrides import TorchFunctionMode
 from prometheus_client.parser import text_string_to_metric_families
 
 from mops.adapter import save_adapter
@@ -276,6 +277,38 @@ def test_engine_rows_in_a_mixed_batch_equal_each_request_alone_and_generate(tiny
     for x, tokens in zip(ids, alone):  # and the tokens are PromptedLM.generate's (the reference loop)
         reference = lm.generate(torch.tensor([x]), max_new_tokens=12)[0, len(x):].tolist()
         assert tokens == reference[: len(tokens)]
+
+
+class TensorWork(TorchFunctionMode):
+    """Records, on the thread that enters it (torch function modes are per thread), every
+    torch call that returns a non-empty tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if isinstance(result, torch.Tensor) and result.numel():
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return result
+
+
+def test_only_the_engine_thread_computes(tiny_dir, adapters, splits):
+    # A second thread with its own OpenMP team makes libgomp stop spinning between parallel
+    # regions (more OpenMP threads than cores), which made every decode step ~40% slower on
+    # 2 cores: the shared prompt's keys and values were computed on the caller's thread.
+    lm, tok, _ = load_for_serving(tiny_dir, adapters["attention"])
+    assert lm.mixture.prompt_is_shared
+    with TensorWork() as work:
+        eng = Engine(lm, tok, max_batch=4, max_queue=4, threads=1).start()
+        try:
+            tokens = run_engine(eng, [tok(p)["input_ids"] for p in test_prompts(splits, 2)],
+                                SamplingParams(max_tokens=4, temperature=0))
+        finally:
+            eng.stop()
+    assert eng.prompt_kv is not None and all(len(t) == 4 for t in tokens)
+    assert work.calls == []
 
 
 def test_batch_sizes_probed_on_this_machine_include_the_largest_and_pad_upward(tiny_dir):

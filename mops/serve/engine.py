@@ -23,6 +23,12 @@ any mixed batch.
 
 Each request reports through its ``on_output`` callback, called on the engine thread
 (the HTTP layer hands the outputs to its event loop).
+
+All tensor work happens on the engine thread, start-up included (the caller's thread only
+hands over the loaded model). A second thread with its own OpenMP team puts more OpenMP
+threads in the process than there are cores, and libgomp then stops its workers spinning
+between parallel regions: each of a decode step's hundreds of small regions pays a futex
+wake-up, which made steps about 40% slower on 2 cores.
 """
 
 from __future__ import annotations
@@ -123,10 +129,7 @@ class Engine:
                                SlotStore(self.n_layers - self.inject_layer,
                                          max_length=self.prompt_len + self.max_context, **store),
                                self.inject_layer)
-        # A prompt every request shares runs through the upper layers once, here; prefill
-        # then pays only for the request's own tokens (PromptedLM.generate does the same).
-        with torch.inference_mode():
-            self.prompt_kv = lm.shared_prompt_kv()
+        self.prompt_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # set at start-up, in _run
         self.shapes: BatchShapes | None = None
         self._waiting: collections.deque[Request] = collections.deque()
         self._rows: list[_Row] = []
@@ -198,6 +201,10 @@ class Engine:
             if self.threads:
                 torch.set_num_threads(self.threads)  # intra-op threads are set per calling thread
             self.shapes = BatchShapes.probe(self.model, self.max_batch)
+            # A prompt every request shares runs through the upper layers once, here; prefill
+            # then pays only for the request's own tokens (PromptedLM.generate does the same).
+            with torch.inference_mode():
+                self.prompt_kv = self.lm.shared_prompt_kv()
         except BaseException as e:  # noqa: BLE001 - reported to start()'s caller
             self._startup_error = e
             self._ready.set()
