@@ -1,7 +1,7 @@
 """What ``mops-serve``'s engine costs with and without the adapter, with no HTTP in between.
 
 For the base alone and for the base with the adapter (each loaded once, the same prompts),
-``--requests`` held-out prompts are submitted at once to :class:`mops.serve.engine.Engine`;
+``--requests`` held-out prompts are submitted at once to a fresh :class:`mops.serve.engine.Engine`;
 every reply is ``--max-tokens`` greedy tokens (``ignore_eos``). Measured per engine: the
 wall time and tokens/s of the whole batch, each request's prefill (alone, as the engine
 runs it), and the decode steps, by how many rows they ran. The two engines alternate for
@@ -100,23 +100,29 @@ def main(argv=None) -> None:
     from mops.serve.cli import load_for_serving
     from mops.serve.engine import Engine
 
-    engines = {}
-    for name, adapter in (("no adapter", None), ("adapter", args.adapter)):
-        lm, tokenizer, _ = load_for_serving(args.base, adapter)
-        engines[name] = Engine(lm, tokenizer, max_batch=args.max_batch, max_queue=args.requests,
-                               threads=args.threads).start()
+    loaded = {name: load_for_serving(args.base, adapter)[:2] for name, adapter in (("no adapter", None),
+                                                                               ("adapter", args.adapter))}
+    tokenizer = loaded["adapter"][1]
     records = split_records(load_records(args.data.split("+"), seed=args.seed), seed=args.seed)["test"]
     records = [r for r in records if len(tokenizer(format_prompt(r))["input_ids"]) <= args.max_prompt_tokens]
     prompts = [tokenizer(format_prompt(r))["input_ids"] for r in stratified_subset(records, args.requests, args.seed)]
-    one_batch(engines["adapter"], prompts[:2], 4)  # first-call costs (store growth, kernels) stay out
-    one_batch(engines["no adapter"], prompts[:2], 4)
-    runs = {name: [] for name in engines}
+
+    def measure(name: str) -> dict:
+        # One engine at a time, each on a thread that ends with it: two engine threads alive at
+        # once are two OpenMP teams, which slows both (see mops.serve.engine).
+        lm, tok = loaded[name]
+        engine = Engine(lm, tok, max_batch=args.max_batch, max_queue=args.requests, threads=args.threads).start()
+        try:
+            one_batch(engine, prompts[:2], 4)  # first-call costs (store growth, kernels) stay out
+            return one_batch(engine, prompts, args.max_tokens)
+        finally:
+            engine.stop()
+
+    runs = {name: [] for name in loaded}
     for _ in range(args.rounds):
-        for name, engine in engines.items():
-            runs[name].append(one_batch(engine, prompts, args.max_tokens))
+        for name in loaded:
+            runs[name].append(measure(name))
             print(f"{name:>10}: {runs[name][-1]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
-    for engine in engines.values():
-        engine.stop()
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in rs[0] if rs[0][key] is not None}
                for name, rs in runs.items()}
     cost = 1 - summary["adapter"]["tokens_per_s"] / summary["no adapter"]["tokens_per_s"]
