@@ -538,7 +538,7 @@ def markdown(results: dict, stem: str) -> str:
              f"{p['lr'] or p['training']['lr']} (prompts) / {p['gate_lr'] or p['training']['gate_lr']} (gate) / "
              f"{p['lora_lr']} (LoRA). Scored: response perplexity of {p['test_examples_resolved']} held-out "
              f"**{split}** examples (512 tokens each), token-weighted; with several seeds, of each example's NLL "
-             "averaged over them. Pruning: {p['prune_method']}, calibrated on "
+             f"averaged over them. Pruning: {p['prune_method']}, calibrated on "
              f"{p['calib_samples']} x {p['calib_seq_len']} Dolly tokens.", ""]
     lines += [f"## Held-out {split} perplexity", "",
               "| setting | partition | pruned | " + " | ".join(labels) + " | centralized mops |",
