@@ -8,7 +8,7 @@ keeps its own team alive, which is enough. This measures it in two fresh process
 case: a worker thread times ``F.linear`` on 4 rows with a weight of the embedded model's MLP
 shape (1536 x 576) and counts the process's voluntary context switches per call, either with
 nothing else having run (``alone``) or after the main thread ran one parallel matrix product
-(``main thread has a team``).
+(``main-team``).
 
     python benchmarks/openmp_teams.py        # prints a table; 2 idle cores for the timings
 """

@@ -116,7 +116,8 @@ def parse_args(argv):
         raise UserError(f"--adapter {args.adapter}: no adapter there; run `bash scripts/demo.sh` (it writes "
                         "runs/demo/adapters/sparsegpt-2of4-mops) or pass --adapter")
     if min(args.clients) < 1 or args.max_tokens < 1 or args.requests < 1:
-        raise UserError("--clients, --requests and --max-tokens take positive numbers")
+        raise UserError(f"--clients {' '.join(map(str, args.clients))}, --requests {args.requests}, --max-tokens "
+                        f"{args.max_tokens}: expected positive whole numbers")
     return args
 
 

@@ -47,7 +47,8 @@ def parse_args(argv):
     if not (Path(args.adapter) / "mops_config.json").is_file():
         raise UserError(f"--adapter {args.adapter}: no adapter there; run `bash scripts/demo.sh` or pass --adapter")
     if min(args.requests, args.max_tokens, args.rounds) < 1 or args.max_batch < args.requests:
-        raise UserError("--requests, --max-tokens and --rounds take positive numbers, and --max-batch at least "
+        raise UserError(f"--requests {args.requests}, --max-tokens {args.max_tokens}, --rounds {args.rounds}, "
+                        f"--max-batch {args.max_batch}: expected positive whole numbers, and --max-batch at least "
                         "--requests")
     return args
 

@@ -545,6 +545,25 @@ def test_bad_command_lines_get_one_line_errors(tiny_dir, capsys, args, message):
     assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("serving.py", ["--base", "nowhere"], "--base nowhere: not found"),
+    ("serving.py", ["--adapter", "nowhere"], "--adapter nowhere: no adapter there"),
+    ("serving.py", ["--requests", "0"], "--requests 0, --max-tokens 64: expected positive whole numbers"),
+    ("serving_engine.py", ["--adapter", "nowhere"], "--adapter nowhere: no adapter there"),
+    ("serving_engine.py", ["--rounds", "0"], "--rounds 0, --max-batch 64: expected positive whole numbers"),
+    ("serving_engine.py", ["--max-batch", "4"], "--max-batch 4: expected positive whole numbers, and --max-batch at "
+                                                "least --requests"),
+])
+def test_the_serving_benchmarks_refuse_bad_arguments_in_one_line(tiny_dir, adapters, script, args, message):
+    known = {"--base": tiny_dir, "--adapter": adapters["attention"]}  # valid unless the case overrides them
+    given = [x for key, value in known.items() if key not in args for x in (key, value)] + args
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *given], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], done.stderr
+
+
 def test_a_missing_base_or_an_adapter_of_another_base_is_refused_in_one_line(tmp_path, tiny_untied_dir, adapters,
                                                                              capsys):
     assert entry(["--base", str(tmp_path / "nowhere"), "--port", str(free_port())]) == 2
