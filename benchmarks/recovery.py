@@ -296,8 +296,20 @@ def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
             if best["per_example"]["tokens"] != ours["per_example"]["tokens"]:
                 continue
             result = paired_bootstrap(ours["per_example"], best["per_example"])
-            out.append({"mops": spec, "baseline": best["spec"], "kind": kind, **result, "verdict": verdict(result)})
+            out.append({"mops": spec, "baseline": best["spec"], "kind": kind, **result, "verdict": verdict(result),
+                        "per_seed": per_seed(ours["runs"], best["runs"])})
     return out
+
+
+def per_seed(ours: list[dict], theirs: list[dict]) -> dict[int, dict]:
+    """The same comparison at each training seed both methods ran, when there are several:
+    the bootstrap resamples examples, not training runs, so the seeds show the spread it leaves out."""
+    mine = {r["seed"]: r for r in ours if r.get("seed") is not None}
+    other = {r["seed"]: r for r in theirs if r.get("seed") is not None}
+    common = sorted(mine.keys() & other.keys())
+    if len(common) < 2:
+        return {}
+    return {s: paired_bootstrap(mine[s]["per_example"], other[s]["per_example"]) for s in common}
 
 
 def markdown(results: dict, stem: str) -> str:
@@ -339,13 +351,15 @@ def markdown(results: dict, stem: str) -> str:
               "",
               f"ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the {p['score_split']} examples "
               "(2,000 resamples, the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
-              "kind is represented by its best variant in the file.",
+              "kind is represented by its best variant in the file. With several seeds, the last column is the same "
+              "comparison at each seed alone (the interval resamples examples, not training runs).",
               "",
-              "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict |",
-              "| --- | --- | --- | ---: | --- |"]
+              "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict | each seed |",
+              "| --- | --- | --- | ---: | --- | --- |"]
     for s in settings:
         for c in comparisons(cells, s, methods):
-            lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} |")
+            seeds = "; ".join(f"seed {k}: {format_delta(r)} {verdict(r)}" for k, r in c["per_seed"].items())
+            lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} | {seeds} |")
     lines += ["", "## Every cell", "",
               "| setting | method | seed | ppl | trainable params | train s | positions added | lora layout |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]

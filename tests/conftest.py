@@ -46,3 +46,27 @@ def tiny_dir(tmp_path_factory, tokenizer) -> str:
 def tiny_untied_dir(tmp_path_factory, tokenizer) -> str:
     """Like ``tiny_dir`` but with a separate lm_head, to prove it is never pruned."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_untied"), tokenizer, tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def federated_config():
+    """Makes the federated tests' small runs: ``make(base, **fields)`` is a FederatedConfig of
+    3 clients sharing 90 Dolly + Natural-Instructions examples, 2 rounds x 2 local steps, a
+    mixture of K = 2 experts of 2 vectors with an MLP gate at layer 1; fields override."""
+    from dataclasses import asdict
+
+    from mops.federated.config import FederatedConfig
+    from mops.mixture import MixtureConfig
+    from mops.train import TrainConfig
+
+    mixture = MixtureConfig(n_experts=2, prompt_len=2, gate="mops", gate_layer=1, gate_hidden=8)
+    train = TrainConfig(batch_size=2, lr=3e-2, gate_lr=3e-3, gate_pretrain_steps=3, gate_pretrain_examples=16,
+                        max_len=48, eval_examples=8, seed=0)
+
+    def make(base: str, **over) -> FederatedConfig:
+        fields = {"base": base, "data": ["dolly", "natural-instructions"], "n_clients": 3, "rounds": 2,
+                  "local_steps": 2, "limit_per_source": 60, "total_examples": 90, "min_clients": 2,
+                  "mixture": asdict(mixture), "train": asdict(train), "test_examples": 12}
+        return FederatedConfig(**(fields | over))
+
+    return make

@@ -127,6 +127,8 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert (tmp_path / "out" / "recovery_t_gates" / "2of4_mops_seed0.png").is_file()
     table = (tmp_path / "out" / "recovery_t.md").read_text()
     assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| [+-]\d+\.\d% \[", table)
+    # with two seeds, the comparison is also given at each seed alone
+    assert re.search(r"\| 2:4 \| mops \| prompt \| .* \| seed 0: [+-]\d+\.\d% \[.*\]; seed 1: [+-]\d+\.\d% \[", table)
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)

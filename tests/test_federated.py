@@ -19,7 +19,6 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -27,7 +26,6 @@ from safetensors.torch import load_file
 
 from mops.data import InstructionRecord
 from mops.errors import UserError
-from mops.federated.config import FederatedConfig
 from mops.federated.partition import (
     apportion,
     category_counts,
@@ -35,8 +33,6 @@ from mops.federated.partition import (
     partition,
     skew_counts,
 )
-from mops.mixture import MixtureConfig
-from mops.train import TrainConfig
 
 # ----------------------------------------------------------------------------- partitions
 
@@ -139,27 +135,16 @@ def test_count_table_lists_every_client_and_category():
 # ----------------------------------------------------------------------------- simulations
 
 ROUNDS, CRASH_ROUND, CRASHED = 3, 3, 1
+CRASH_RUN = {"rounds": ROUNDS, "test_examples": 8}  # the conftest's small run, for 3 rounds
 
 
-def tiny_config(base: str, **over) -> FederatedConfig:
-    mixture = MixtureConfig(n_experts=2, prompt_len=2, gate="mops", gate_layer=1, gate_hidden=8)
-    train = TrainConfig(batch_size=2, lr=3e-2, gate_lr=3e-3, gate_pretrain_steps=3, gate_pretrain_examples=16,
-                        max_len=48, eval_examples=8, seed=0)
-    fields = {"base": base, "data": ["dolly", "natural-instructions"], "n_clients": 3, "rounds": ROUNDS,
-              "local_steps": 2, "limit_per_source": 60, "total_examples": 90, "min_clients": 2,
-              "mixture": asdict(mixture), "train": asdict(train), "test_examples": 8}
-    fields.update(over)
-    return FederatedConfig(**fields)
-
-
-def trainable_names() -> set[str]:
+@pytest.fixture(scope="module")
+def trainable(federated_config) -> set[str]:
+    """What a client trains: the experts and the gate's MLP, nothing of the base."""
     from mops.mixture import Mixture
 
-    mixture = Mixture(tiny_config("unused").mixture_config().resolved(2), 64)
+    mixture = Mixture(federated_config("unused").mixture_config().resolved(2), 64)
     return {n for n, p in mixture.named_parameters() if p.requires_grad}
-
-
-TRAINABLE = trainable_names()  # experts.weight and the gate's MLP: nothing of the base
 
 
 def crash_client_mod(msg, context, call_next):
@@ -171,7 +156,7 @@ def crash_client_mod(msg, context, call_next):
 
 
 @pytest.fixture(scope="module")
-def crashed_run(tiny_dir, tmp_path_factory, caplog_module):
+def crashed_run(tiny_dir, tmp_path_factory, caplog_module, federated_config):
     import cloudpickle
 
     from mops.federated import run_federated
@@ -179,7 +164,7 @@ def crashed_run(tiny_dir, tmp_path_factory, caplog_module):
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mod travels to Ray's workers by value
     out = tmp_path_factory.mktemp("fed") / "adapter"
-    history = run_federated(tiny_config(tiny_dir), out, client_app=make_client_app(mods=[crash_client_mod]),
+    history = run_federated(federated_config(tiny_dir, **CRASH_RUN), out, client_app=make_client_app(mods=[crash_client_mod]),
                             save_rounds=True, quiet=True)
     return out, history, caplog_module
 
@@ -199,7 +184,7 @@ def caplog_module():
     logger.setLevel(old)
 
 
-def test_fedavg_is_the_example_weighted_mean_of_what_the_clients_returned(crashed_run):
+def test_fedavg_is_the_example_weighted_mean_of_what_the_clients_returned(crashed_run, trainable):
     out, history, _ = crashed_run
     for entry in history["rounds"]:
         folder = out / "rounds" / f"round_{entry['round']}"
@@ -208,7 +193,7 @@ def test_fedavg_is_the_example_weighted_mean_of_what_the_clients_returned(crashe
         total = sum(weights.values())
         aggregate = load_file(folder / "global.safetensors")
         # Only the mixture's trainable tensors travel: experts and the gate, nothing of the base.
-        assert set(aggregate) == TRAINABLE
+        assert set(aggregate) == trainable
         for name, value in aggregate.items():
             expected = sum(clients[p][name].double() * weights[p] for p in clients) / total
             torch.testing.assert_close(value.double(), expected, rtol=0, atol=1e-6)
@@ -250,7 +235,7 @@ def test_the_base_is_loaded_once_per_client_process(crashed_run, tiny_dir):
     assert loads and set(loads.values()) == {1}, loads
 
 
-def test_bytes_per_round_are_the_tensors_sent_and_received_and_the_tables(crashed_run):
+def test_bytes_per_round_are_the_tensors_sent_and_received_and_the_tables(crashed_run, trainable):
     """Each round's bytes, as the history recorded them from the messages, equal the tensors
     the client got (the previous global) and sent back (its saved reply); the benchmark's
     communication table is made of those numbers."""
@@ -276,7 +261,7 @@ def test_bytes_per_round_are_the_tensors_sent_and_received_and_the_tables(crashe
                                   for e in history["rounds"]]
     ups = [n for e in history["rounds"] for n in e["bytes_up"].values()]
     assert table["up_per_client_round"] == sum(ups) / len(ups) == down  # FedAvg sends back what it got
-    assert table["tensors_up"] == len(TRAINABLE)
+    assert table["tensors_up"] == len(trainable)
 
 
 RESUME_SCRIPT = textwrap.dedent("""
@@ -298,11 +283,11 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_killed_server_resumes_from_its_last_completed_round(crashed_run, tiny_dir, tmp_path):
+def test_a_killed_server_resumes_from_its_last_completed_round(crashed_run, tiny_dir, tmp_path, federated_config):
     from mops.federated.server_app import CKPT_STATE, checkpoint_dir_for
 
     out_a, _, _ = crashed_run
-    config = tiny_config(tiny_dir)  # the crashed run's settings: rounds 1 and 2 had every client
+    config = federated_config(tiny_dir, **CRASH_RUN)  # the crashed run's settings: rounds 1 and 2 had every client
     (tmp_path / "config.json").write_text(config.to_json())
     (tmp_path / "run.py").write_text(RESUME_SCRIPT)
     out = tmp_path / "adapter"

@@ -23,23 +23,10 @@ from safetensors.torch import load_file
 
 from mops.data import InstructionRecord
 from mops.errors import UserError
-from mops.federated.config import FederatedConfig
 from mops.federated.partition import held_out_shares, partition
-from mops.mixture import MixtureConfig
 from mops.train import TrainConfig
 
 ROUNDS = 2
-
-
-def tiny_config(base: str, **over) -> FederatedConfig:
-    mixture = MixtureConfig(n_experts=2, prompt_len=2, gate="mops", gate_layer=1, gate_hidden=8)
-    train = TrainConfig(batch_size=2, lr=3e-2, gate_lr=3e-3, gate_pretrain_steps=3, gate_pretrain_examples=16,
-                        max_len=48, eval_examples=8, seed=0)
-    fields = {"base": base, "data": ["dolly", "natural-instructions"], "n_clients": 3, "rounds": ROUNDS,
-              "local_steps": 2, "limit_per_source": 60, "total_examples": 90, "min_clients": 2,
-              "mixture": asdict(mixture), "train": asdict(train), "test_examples": 12}
-    fields.update(over)
-    return FederatedConfig(**fields)
 
 
 def round_tensors(out, rnd: int) -> tuple[dict, dict[int, dict], dict]:
@@ -78,10 +65,10 @@ def test_each_client_held_out_share_has_its_own_skewed_mix():
     assert held_out_shares(held, train, seed=0) == shares
 
 
-def test_server_defaults_and_one_line_errors_of_the_config():
-    c = tiny_config("unused", strategy="fedadam")
+def test_server_defaults_and_one_line_errors_of_the_config(federated_config):
+    c = federated_config("unused", strategy="fedadam")
     assert c.server_settings() == {"server_lr": 0.1, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
-    assert tiny_config("unused", strategy="fedavgm", server_lr=0.5).server_settings() == \
+    assert federated_config("unused", strategy="fedavgm", server_lr=0.5).server_settings() == \
         {"server_lr": 0.5, "server_momentum": 0.9}
     bad = [({"strategy": "fedavg", "server_lr": 0.5}, "--server-lr: --strategy fedavg has no such setting"),
            ({"strategy": "fedadam", "server_momentum": 0.5}, "--server-momentum: --strategy fedadam"),
@@ -100,7 +87,7 @@ def test_server_defaults_and_one_line_errors_of_the_config():
            ({"lora_rank": 0}, "--lora-rank 0")]
     for over, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
-            tiny_config("unused", **over).validate()
+            federated_config("unused", **over).validate()
 
 
 def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
@@ -126,12 +113,13 @@ def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def fedavgm_run(tiny_dir, tmp_path_factory):
+def fedavgm_run(tiny_dir, tmp_path_factory, federated_config):
     from mops.federated import run_federated
 
-    config = tiny_config(tiny_dir, strategy="fedavgm", server_lr=0.7, server_momentum=0.9, gate_init="server",
-                         train=asdict(TrainConfig(batch_size=2, lr=3e-2, gate_lr=0.0, gate_pretrain_steps=5,
-                                                  gate_pretrain_examples=24, max_len=48, eval_examples=8, seed=0)))
+    train = TrainConfig(batch_size=2, lr=3e-2, gate_lr=0.0, gate_pretrain_steps=5, gate_pretrain_examples=24,
+                        max_len=48, eval_examples=8, seed=0)
+    config = federated_config(tiny_dir, rounds=ROUNDS, strategy="fedavgm", server_lr=0.7, server_momentum=0.9,
+                              gate_init="server", train=asdict(train))
     out = tmp_path_factory.mktemp("fedavgm") / "adapter"
     return config, out, run_federated(config, out, save_rounds=True, quiet=True)
 
@@ -206,13 +194,13 @@ def stop_after_round_1(rnd, history):
 
 
 @pytest.fixture(scope="module")
-def fedadam_lora_run(tiny_dir, tmp_path_factory):
+def fedadam_lora_run(tiny_dir, tmp_path_factory, federated_config):
     """FedAdam on LoRA: the server stops after round 1, then resumes from its checkpoint."""
     from mops.federated import run_federated
     from mops.federated.server_app import CKPT_STATE, checkpoint_dir_for
 
-    config = tiny_config(tiny_dir, strategy="fedadam", server_lr=0.05, beta1=0.9, beta2=0.99, tau=1e-3,
-                         method="lora:lora_lr=0.01", lora_rank=2)
+    config = federated_config(tiny_dir, rounds=ROUNDS, strategy="fedadam", server_lr=0.05, beta1=0.9, beta2=0.99,
+                              tau=1e-3, method="lora:lora_lr=0.01", lora_rank=2)
     out = tmp_path_factory.mktemp("fedadam") / "adapter"
     with pytest.raises(StopAfterRound1):  # Flower re-raises what stopped the ServerApp
         run_federated(config, out, save_rounds=True, quiet=True, on_round=stop_after_round_1)
