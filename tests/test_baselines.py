@@ -128,7 +128,7 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     table = (tmp_path / "out" / "recovery_t.md").read_text()
     assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| [+-]\d+\.\d% \[", table)
     # with two seeds, the comparison is also given at each seed alone
-    assert re.search(r"\| 2:4 \| mops \| prompt \| .* \| seed 0: [+-]\d+\.\d% \[.*\]; seed 1: [+-]\d+\.\d% \[", table)
+    assert re.search(r"\| 2:4 \| mops \| prompt \| .* \| seed 0: [+-]\d+\.\d% \[[^]]*\] \w+; seed 1: [+-]\d+\.\d% \[", table)
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)
