@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -24,7 +23,6 @@ from safetensors.torch import load_file
 from mops.data import InstructionRecord
 from mops.errors import UserError
 from mops.federated.partition import held_out_shares, partition
-from mops.train import TrainConfig
 
 ROUNDS = 2
 
@@ -116,10 +114,10 @@ def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
 def fedavgm_run(tiny_dir, tmp_path_factory, federated_config):
     from mops.federated import run_federated
 
-    train = TrainConfig(batch_size=2, lr=3e-2, gate_lr=0.0, gate_pretrain_steps=5, gate_pretrain_examples=24,
-                        max_len=48, eval_examples=8, seed=0)
+    # the gate is pretrained on the server, then frozen (gate lr 0): the clients train the experts only
+    train = federated_config(tiny_dir).train | {"gate_lr": 0.0, "gate_pretrain_steps": 5, "gate_pretrain_examples": 24}
     config = federated_config(tiny_dir, rounds=ROUNDS, strategy="fedavgm", server_lr=0.7, server_momentum=0.9,
-                              gate_init="server", train=asdict(train))
+                              gate_init="server", train=train)
     out = tmp_path_factory.mktemp("fedavgm") / "adapter"
     return config, out, run_federated(config, out, save_rounds=True, quiet=True)
 
