@@ -56,6 +56,7 @@ from pathlib import Path
 
 import httpx
 
+from mops.adapter import read_adapter_config
 from mops.cli_common import run_cli, setup_logging
 from mops.data import format_prompt, load_records, split_records, stratified_subset
 from mops.errors import UserError
@@ -112,9 +113,8 @@ def parse_args(argv):
     args.out_dir = Path(args.out_dir or RESULTS)
     if not Path(args.base).exists() and args.base != "smollm2-135m":
         raise UserError(f"--base {args.base}: not found; run `bash scripts/demo.sh` (it writes runs/demo/) or pass --base")
-    if not (Path(args.adapter) / "mops_config.json").is_file():
-        raise UserError(f"--adapter {args.adapter}: no adapter there; run `bash scripts/demo.sh` (it writes "
-                        "runs/demo/adapters/sparsegpt-2of4-mops) or pass --adapter")
+    args.adapter_config = read_adapter_config(args.adapter, hint="run `bash scripts/demo.sh` (it writes "
+                                              "runs/demo/adapters/sparsegpt-2of4-mops) or pass --adapter")
     if min(args.clients) < 1 or args.max_tokens < 1 or args.requests < 1:
         raise UserError(f"--clients {' '.join(map(str, args.clients))}, --requests {args.requests}, --max-tokens "
                         f"{args.max_tokens}: expected positive whole numbers")
@@ -517,7 +517,7 @@ def main(argv=None) -> None:
         print(f"{server.name}: {' '.join(server.command)}", file=sys.stderr)
         results.append(run_server(server, prompts, args, log_dir))
     overload = None if args.no_overload else overload_check(args, prompts, log_dir)
-    config = json.loads((Path(args.adapter) / "mops_config.json").read_text())
+    config = args.adapter_config
     report = {
         "protocol": {
             "base": args.base, "base_name": Path(args.base).name, "adapter": args.adapter,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mops.adapter import read_adapter_config
 from mops.cli_common import run_cli, setup_logging
 from mops.data import format_prompt, load_records, split_records, stratified_subset
 from mops.errors import UserError
@@ -44,8 +45,7 @@ def parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(RESULTS))
     args = p.parse_args(argv)
-    if not (Path(args.adapter) / "mops_config.json").is_file():
-        raise UserError(f"--adapter {args.adapter}: no adapter there; run `bash scripts/demo.sh` or pass --adapter")
+    read_adapter_config(args.adapter, hint="run `bash scripts/demo.sh` or pass --adapter")
     if min(args.requests, args.max_tokens, args.rounds) < 1 or args.max_batch < args.requests:
         raise UserError(f"--requests {args.requests}, --max-tokens {args.max_tokens}, --rounds {args.rounds}, "
                         f"--max-batch {args.max_batch}: expected positive whole numbers, and --max-batch at least "

@@ -61,10 +61,13 @@ def write_adapter_files(lm: PromptedLM, folder, *, base_name: str, base_hash: st
     (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
-def read_adapter_config(adapter_dir) -> dict:
+def read_adapter_config(adapter_dir, hint: str = "") -> dict:
+    """The adapter's config, checked to be one ``mops-recover`` wrote; ``hint`` (where a
+    caller's default adapter comes from) ends the error when there is none."""
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
-        raise UserError(f"adapter {str(adapter_dir)!r}: no {CONFIG_NAME}; expected a folder written by mops-recover")
+        raise UserError(f"adapter {str(adapter_dir)!r}: no {CONFIG_NAME}; expected a folder written by mops-recover"
+                        + (f"; {hint}" if hint else ""))
     config = json.loads(path.read_text())
     if config.get("format") != FORMAT:
         raise UserError(f"adapter {str(adapter_dir)!r}: format {config.get('format')!r}, expected {FORMAT!r}")

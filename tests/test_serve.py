@@ -547,9 +547,11 @@ def test_bad_command_lines_get_one_line_errors(tiny_dir, capsys, args, message):
 
 @pytest.mark.parametrize("script,args,message", [
     ("serving.py", ["--base", "nowhere"], "--base nowhere: not found"),
-    ("serving.py", ["--adapter", "nowhere"], "--adapter nowhere: no adapter there"),
+    ("serving.py", ["--adapter", "nowhere"], "adapter 'nowhere': no mops_config.json; expected a folder written by "
+                                             "mops-recover; run `bash scripts/demo.sh`"),
     ("serving.py", ["--requests", "0"], "--requests 0, --max-tokens 64: expected positive whole numbers"),
-    ("serving_engine.py", ["--adapter", "nowhere"], "--adapter nowhere: no adapter there"),
+    ("serving_engine.py", ["--adapter", "nowhere"], "adapter 'nowhere': no mops_config.json; expected a folder "
+                                                    "written by mops-recover; run `bash scripts/demo.sh`"),
     ("serving_engine.py", ["--rounds", "0"], "--rounds 0, --max-batch 64: expected positive whole numbers"),
     ("serving_engine.py", ["--max-batch", "4"], "--max-batch 4: expected positive whole numbers, and --max-batch at "
                                                 "least --requests"),
