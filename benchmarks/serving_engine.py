@@ -14,10 +14,12 @@ cost from the HTTP layer's in ``benchmarks/serving.py``'s table.
 from __future__ import annotations
 
 import argparse
+import collections
 import statistics
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -53,26 +55,24 @@ def parse_args(argv):
     return args
 
 
+class Recorder:
+    """Every value the engine reports through its public ``metrics`` hook, in order (the
+    server's Prometheus histograms keep buckets, and this table needs medians)."""
+
+    def __init__(self):
+        self.values = collections.defaultdict(list)
+
+    def __getattr__(self, name):  # any of ServeMetrics' instruments: .observe(v) or .inc(v)
+        values = self.values[name]
+        return types.SimpleNamespace(observe=values.append, inc=lambda v=1: values.append(v))
+
+
 def one_batch(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     """Submit every prompt at once; time the batch, each prefill and each decode step."""
     from mops.serve.engine import Request
     from mops.serve.sampling import SamplingParams
 
-    prefills, steps = [], []
-    prefill, step = engine._prefill, engine._step
-
-    def timed_prefill(request):
-        began = time.perf_counter()
-        row = prefill(request)
-        prefills.append(time.perf_counter() - began)
-        return row
-
-    def timed_step():
-        rows, began = engine.running, time.perf_counter()
-        step()
-        steps.append((rows, time.perf_counter() - began))
-
-    engine._prefill, engine._step = timed_prefill, timed_step  # instance attributes: this engine only
+    engine.metrics = recorder = Recorder()
     done, tokens = threading.Semaphore(0), [0]
 
     def on_output(out):
@@ -86,7 +86,14 @@ def one_batch(engine, prompts: list[list[int]], max_tokens: int) -> dict:
     for _ in prompts:
         done.acquire()
     wall = time.perf_counter() - began
-    del engine._prefill, engine._step
+    # A step reports its timing after its rows' outputs: wait for the last one. Every request
+    # gets its first token from its prefill and the rest from steps (ignore_eos), one per row.
+    values = recorder.values
+    while sum(values["batch_size"]) < len(prompts) * (max_tokens - 1) or len(values["step_seconds"]) < len(
+            values["batch_size"]):
+        time.sleep(0.001)
+    prefills = recorder.values["prefill_seconds"]
+    steps = list(zip(recorder.values["batch_size"], recorder.values["step_seconds"], strict=True))
     full = [s for rows, s in steps if rows == len(prompts)]
     return {"wall_s": wall, "tokens": tokens[0], "tokens_per_s": tokens[0] / wall,
             "prefill_ms": 1000 * statistics.median(prefills), "steps": len(steps),

@@ -566,6 +566,20 @@ def test_the_serving_benchmarks_refuse_bad_arguments_in_one_line(tiny_dir, adapt
     assert len(lines) == 1 and message in lines[0], done.stderr
 
 
+def test_the_engine_benchmark_times_every_prefill_and_step_through_the_metrics_hook(tiny_dir, adapters, tmp_path):
+    import json
+
+    args = ["--base", tiny_dir, "--adapter", adapters["attention"], "--requests", "3", "--max-tokens", "4",
+            "--rounds", "1", "--max-batch", "3", "--threads", "1", "--out-dir", str(tmp_path)]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving_engine.py"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    runs = json.loads((tmp_path / "serving_engine.json").read_text())["runs"]
+    for run in (runs["adapter"][0], runs["no adapter"][0]):
+        # 3 requests x 4 tokens: the first from each prefill, then 3 steps of all three rows
+        assert run["tokens"] == 12 and run["steps"] == 3 and run["full_step_ms"] > 0 and run["prefill_ms"] > 0
+
+
 def test_a_missing_base_or_an_adapter_of_another_base_is_refused_in_one_line(tmp_path, tiny_untied_dir, adapters,
                                                                              capsys):
     assert entry(["--base", str(tmp_path / "nowhere"), "--port", str(free_port())]) == 2
