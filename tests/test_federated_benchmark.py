@@ -56,3 +56,14 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag, message):
                           *flag], capture_output=True, text=True)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert message in run.stderr and not any(tmp_path.iterdir())
+
+
+def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_options():
+    import importlib
+
+    bench = importlib.import_module("benchmarks.federated")
+    labels = ["mops", "mops@rounds=20,local_steps=5", "single", "single@rounds=20,local_steps=5", "prompt-equal",
+              "single:lr=0.1"]
+    assert bench.like_for_like("mops", labels) == ["single", "prompt-equal", "single:lr=0.1"]
+    assert bench.like_for_like("mops@rounds=20,local_steps=5", labels) == ["single@rounds=20,local_steps=5"]
+    assert bench.like_for_like("mops@strategy=fedavgm", labels) == []
