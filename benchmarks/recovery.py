@@ -151,6 +151,7 @@ def main(argv=None) -> None:
     splits = split_records(load_records(args.data, args.limit_per_source, args.split_seed), args.split_seed)
     held = splits[args.score_split]
     test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
+    results["test_sources"] = [r.source for r in test]  # per_example's order: the by-source table
 
     def merge_other_runs() -> None:  # another run may share the file: take its cells in
         if out_json.is_file():
@@ -202,8 +203,10 @@ def main(argv=None) -> None:
                 cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower))
             cell["seconds"] = time.perf_counter() - started
             save(key, cell)
-    with results_lock(out_json):  # redrawn from the file as it stands, with every run's cells
-        render(json.loads(out_json.read_text()), out_json)
+    with results_lock(out_json):  # redrawn with every run's cells (and this run's test sources)
+        merge_other_runs()
+        write_json_atomic(out_json, results)
+        render(results, out_json)
 
 
 def cell_key(setting: str, spec: str, seed: int | None) -> str:
@@ -312,6 +315,25 @@ def per_seed(ours: list[dict], theirs: list[dict]) -> dict[int, dict]:
     return {s: paired_bootstrap(mine[s]["per_example"], other[s]["per_example"]) for s in common}
 
 
+def by_source(results: dict, setting: str, methods: list[str]) -> list[dict]:
+    """Each comparison of :func:`comparisons` on each data source's test examples alone: the
+    short fixed-format tasks and the long open answers need not agree, and the token-weighted
+    whole counts the long answers most."""
+    sources = results.get("test_sources")
+    if not sources:
+        return []
+    cells, out = results["cells"], []
+    for c in comparisons(cells, setting, methods):
+        ours, theirs = summary(cells, setting, c["mops"]), summary(cells, setting, c["baseline"])
+        for source in sorted(set(sources)):
+            idx = [i for i, s in enumerate(sources) if s == source]
+            pick = lambda pe: {k: [pe[k][i] for i in idx] for k in ("nll", "tokens")}  # noqa: E731
+            result = paired_bootstrap(pick(ours["per_example"]), pick(theirs["per_example"]))
+            out.append({"mops": c["mops"], "baseline": c["baseline"], "source": source, "examples": len(idx),
+                        "tokens": sum(pick(ours["per_example"])["tokens"]), **result, "verdict": verdict(result)})
+    return out
+
+
 def markdown(results: dict, stem: str) -> str:
     p, cells = results["protocol"], results["cells"]
     settings, methods = _settings_and_methods(cells)
@@ -360,6 +382,14 @@ def markdown(results: dict, stem: str) -> str:
         for c in comparisons(cells, s, methods):
             seeds = "; ".join(f"seed {k}: {format_delta(r)} {verdict(r)}" for k, r in c["per_seed"].items())
             lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} | {seeds} |")
+    rows = [r for s in settings for r in ({**x, "setting": s} for x in by_source(results, s, methods))]
+    if rows:
+        lines += ["", "## MoPs against each baseline, by data source", "",
+                  "The same comparisons on each source's held-out examples alone (seeds averaged as above).", "",
+                  "| setting | MoPs | baseline | source | examples | response tokens | MoPs vs baseline [95% interval] "
+                  "| verdict |", "| --- | --- | --- | --- | ---: | ---: | ---: | --- |"]
+        lines += [f"| {r['setting']} | {r['mops']} | {r['baseline']} | {r['source']} | {r['examples']} | "
+                  f"{r['tokens']:,} | {format_delta(r)} | {r['verdict']} |" for r in rows]
     lines += ["", "## Every cell", "",
               "| setting | method | seed | ppl | trainable params | train s | positions added | lora layout |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]

@@ -2,6 +2,7 @@
 and the benchmark grid saves every cell and skips finished ones on a rerun."""
 
 import json
+import math
 import re
 import subprocess
 import sys
@@ -129,10 +130,29 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| [+-]\d+\.\d% \[", table)
     # with two seeds, the comparison is also given at each seed alone
     assert re.search(r"\| 2:4 \| mops \| prompt \| .* \| seed 0: [+-]\d+\.\d% \[[^]]*\] \w+; seed 1: [+-]\d+\.\d% \[", table)
+    assert len(results["test_sources"]) == mops["test_examples"]  # each example's source, in per_example's order
+    assert re.search(r"\| 2:4 \| mops \| prompt \| dolly \| \d+ \| [\d,]+ \| [+-]\d+\.\d% \[", table)
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "was made with other settings" in other.stderr
+
+
+def test_the_by_source_comparison_resamples_each_sources_examples_alone():
+    import importlib
+
+    recovery = importlib.import_module("benchmarks.recovery")
+    tokens = [5, 7, 3, 4]
+    cell = lambda method, nll: {"setting": "2:4", "method": method, "seed": 0, "trainable_params": 1,  # noqa: E731
+                                "per_example": {"nll": nll, "tokens": tokens}}
+    results = {"test_sources": ["a", "b", "a", "b"], "cells": {
+        "2:4/prompt-equal/seed0": cell("prompt-equal", [5.0, 7.0, 3.0, 4.0]),
+        "2:4/mops/seed0": cell("mops", [5.0, 3.5, 3.0, 2.0])}}  # the same on source a, half the NLL on b
+    rows = {r["source"]: r for r in recovery.by_source(results, "2:4", ["prompt-equal", "mops"])}
+    assert rows["a"]["examples"] == 2 and rows["a"]["tokens"] == 8
+    assert rows["a"]["delta"] == rows["a"]["low"] == rows["a"]["high"] == 0 and rows["a"]["verdict"] == "tie"
+    assert abs(rows["b"]["delta"] - (math.exp(-5.5 / 11) - 1)) < 1e-12 and rows["b"]["verdict"] == "lower"
+    assert recovery.by_source({**results, "test_sources": None}, "2:4", ["prompt-equal", "mops"]) == []
 
 
 def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
