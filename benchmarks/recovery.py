@@ -327,11 +327,15 @@ def by_source(results: dict, setting: str, methods: list[str]) -> list[dict]:
         ours, theirs = summary(cells, setting, c["mops"]), summary(cells, setting, c["baseline"])
         for source in sorted(set(sources)):
             idx = [i for i, s in enumerate(sources) if s == source]
-            pick = lambda pe: {k: [pe[k][i] for i in idx] for k in ("nll", "tokens")}  # noqa: E731
-            result = paired_bootstrap(pick(ours["per_example"]), pick(theirs["per_example"]))
+            mine, other = (_examples(r["per_example"], idx) for r in (ours, theirs))
+            result = paired_bootstrap(mine, other)
             out.append({"mops": c["mops"], "baseline": c["baseline"], "source": source, "examples": len(idx),
-                        "tokens": sum(pick(ours["per_example"])["tokens"]), **result, "verdict": verdict(result)})
+                        "tokens": sum(mine["tokens"]), **result, "verdict": verdict(result)})
     return out
+
+
+def _examples(per_example: dict, idx: list[int]) -> dict:
+    return {k: [per_example[k][i] for i in idx] for k in ("nll", "tokens")}
 
 
 def markdown(results: dict, stem: str) -> str:
