@@ -3,6 +3,10 @@ tokenizer (so data, templates and calibration run exactly as on a real model).""
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import transformers
@@ -70,3 +74,17 @@ def federated_config():
         return FederatedConfig(**(fields | over))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """A script of benchmarks/ as a module, loaded by path (they are scripts, not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+
+    return load

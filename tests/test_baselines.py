@@ -138,10 +138,8 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert other.returncode == 2 and "was made with other settings" in other.stderr
 
 
-def test_the_by_source_comparison_resamples_each_sources_examples_alone():
-    import importlib
-
-    recovery = importlib.import_module("benchmarks.recovery")
+def test_the_by_source_comparison_resamples_each_sources_examples_alone(load_benchmark):
+    recovery = load_benchmark("recovery")
     tokens = [5, 7, 3, 4]
     cell = lambda method, nll: {"setting": "2:4", "method": method, "seed": 0, "trainable_params": 1,  # noqa: E731
                                 "per_example": {"nll": nll, "tokens": tokens}}

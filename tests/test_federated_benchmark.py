@@ -58,10 +58,8 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag, message):
     assert message in run.stderr and not any(tmp_path.iterdir())
 
 
-def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_options():
-    import importlib
-
-    bench = importlib.import_module("benchmarks.federated")
+def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_options(load_benchmark):
+    bench = load_benchmark("federated")
     labels = ["mops", "mops@rounds=20,local_steps=5", "single", "single@rounds=20,local_steps=5", "prompt-equal",
               "single:lr=0.1"]
     assert bench.like_for_like("mops", labels) == ["single", "prompt-equal", "single:lr=0.1"]
