@@ -315,15 +315,15 @@ def per_seed(ours: list[dict], theirs: list[dict]) -> dict[int, dict]:
     return {s: paired_bootstrap(mine[s]["per_example"], other[s]["per_example"]) for s in common}
 
 
-def by_source(results: dict, setting: str, methods: list[str]) -> list[dict]:
-    """Each comparison of :func:`comparisons` on each data source's test examples alone: the
-    short fixed-format tasks and the long open answers need not agree, and the token-weighted
-    whole counts the long answers most."""
+def by_source(results: dict, setting: str, compared: list[dict]) -> list[dict]:
+    """Each comparison (of :func:`comparisons` at ``setting``) on each data source's test
+    examples alone: the short fixed-format tasks and the long open answers need not agree, and
+    the token-weighted whole counts the long answers most."""
     sources = results.get("test_sources")
     if not sources:
         return []
     cells, out = results["cells"], []
-    for c in comparisons(cells, setting, methods):
+    for c in compared:
         ours, theirs = summary(cells, setting, c["mops"]), summary(cells, setting, c["baseline"])
         for source in sorted(set(sources)):
             idx = [i for i, s in enumerate(sources) if s == source]
@@ -382,11 +382,12 @@ def markdown(results: dict, stem: str) -> str:
               "",
               "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict | each seed |",
               "| --- | --- | --- | ---: | --- | --- |"]
+    compared = {s: comparisons(cells, s, methods) for s in settings}
     for s in settings:
-        for c in comparisons(cells, s, methods):
+        for c in compared[s]:
             seeds = "; ".join(f"seed {k}: {format_delta(r)} {verdict(r)}" for k, r in c["per_seed"].items())
             lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} | {seeds} |")
-    rows = [r for s in settings for r in ({**x, "setting": s} for x in by_source(results, s, methods))]
+    rows = [r for s in settings for r in ({**x, "setting": s} for x in by_source(results, s, compared[s]))]
     if rows:
         lines += ["", "## MoPs against each baseline, by data source", "",
                   "The same comparisons on each source's held-out examples alone (seeds averaged as above).", "",

@@ -146,11 +146,12 @@ def test_the_by_source_comparison_resamples_each_sources_examples_alone(load_ben
     results = {"test_sources": ["a", "b", "a", "b"], "cells": {
         "2:4/prompt-equal/seed0": cell("prompt-equal", [5.0, 7.0, 3.0, 4.0]),
         "2:4/mops/seed0": cell("mops", [5.0, 3.5, 3.0, 2.0])}}  # the same on source a, half the NLL on b
-    rows = {r["source"]: r for r in recovery.by_source(results, "2:4", ["prompt-equal", "mops"])}
+    compared = recovery.comparisons(results["cells"], "2:4", ["prompt-equal", "mops"])
+    rows = {r["source"]: r for r in recovery.by_source(results, "2:4", compared)}
     assert rows["a"]["examples"] == 2 and rows["a"]["tokens"] == 8
     assert rows["a"]["delta"] == rows["a"]["low"] == rows["a"]["high"] == 0 and rows["a"]["verdict"] == "tie"
     assert abs(rows["b"]["delta"] - (math.exp(-5.5 / 11) - 1)) < 1e-12 and rows["b"]["verdict"] == "lower"
-    assert recovery.by_source({**results, "test_sources": None}, "2:4", ["prompt-equal", "mops"]) == []
+    assert recovery.by_source({**results, "test_sources": None}, "2:4", compared) == []
 
 
 def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):

@@ -5,6 +5,7 @@ seconds; one end-to-end check on the embedded model)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -567,8 +568,6 @@ def test_the_serving_benchmarks_refuse_bad_arguments_in_one_line(tiny_dir, adapt
 
 
 def test_the_engine_benchmark_times_every_prefill_and_step_through_the_metrics_hook(tiny_dir, adapters, tmp_path):
-    import json
-
     args = ["--base", tiny_dir, "--adapter", adapters["attention"], "--requests", "3", "--max-tokens", "4",
             "--rounds", "1", "--max-batch", "3", "--threads", "1", "--out-dir", str(tmp_path)]
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "serving_engine.py"), *args],
