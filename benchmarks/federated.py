@@ -655,28 +655,36 @@ def _communication(results, settings, labels) -> list[str]:
 
 
 def _per_client(results, settings, labels) -> list[str]:
+    """Each client's own share, for every MoPs run against the single prompt run under the same
+    federated options (10 x 10 against 10 x 10, 20 x 5 against 20 x 5)."""
     runs = results["runs"]
     lines = ["", "## Each client on its own held-out share", "",
              "Each client's share of the held-out examples: every category split over the clients in proportion to "
              "their training examples of it, so a client's share has its own skewed mix (15 of every 18 examples "
-             "of its large categories). Seeds averaged; `rare`: its large categories' share of all training "
-             "examples (smaller: rarer tasks).", "",
-             "| setting | client | its large categories | rare | examples | mops | single | mops vs single |",
-             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "of its large categories). Each MoPs run against the single prompt under the same federated options; "
+             "seeds averaged; `rare`: its large categories' share of all training examples (smaller: rarer tasks).",
+             "",
+             "| setting | mops | single | client | its large categories | rare | examples | mops ppl | single ppl | "
+             "mops vs single |",
+             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    pairs = [(ours, base) for ours in labels if parse_label(ours).kind == "mops"
+             for base in like_for_like(ours, labels) if parse_label(base).kind == "single"]
     for s in settings:
-        mops, single = seed_runs(runs, s, "skew", "mops"), seed_runs(runs, s, "skew", "single")
-        if not mops or not single:
-            continue
-        counts = mops[0]["partition_counts"]
-        totals = {cat: sum(counts[k][cat] for k in counts) for cat in next(iter(counts.values()))}
-        for client, share in mops[0]["per_client"].items():
-            mine = counts[f"client {client}"]
-            large = [cat for cat in mine if mine[cat] == max(counts[k][cat] for k in counts) and mine[cat] > 1]
-            rare = sum(totals[cat] for cat in large) / sum(totals.values())
-            c = compare(mops, single, share["indices"]) if share["examples"] else None
-            lines.append(f"| {s} | {client} | {', '.join(large)} | {100 * rare:.0f}% | {share['examples']} | "
-                         f"{fmt(seed_mean_ppl(mops, share['indices']))} | "
-                         f"{fmt(seed_mean_ppl(single, share['indices']))} | {format_delta(c['mean']) if c else ''} |")
+        for ours, base in pairs:
+            mops, single = seed_runs(runs, s, "skew", ours), seed_runs(runs, s, "skew", base)
+            if not mops or not single:
+                continue
+            counts = mops[0]["partition_counts"]
+            totals = {cat: sum(counts[k][cat] for k in counts) for cat in next(iter(counts.values()))}
+            for client, share in mops[0]["per_client"].items():
+                mine = counts[f"client {client}"]
+                large = [cat for cat in mine if mine[cat] == max(counts[k][cat] for k in counts) and mine[cat] > 1]
+                rare = sum(totals[cat] for cat in large) / sum(totals.values())
+                c = compare(mops, single, share["indices"]) if share["examples"] else None
+                lines.append(f"| {s} | {ours} | {base} | {client} | {', '.join(large)} | {100 * rare:.0f}% | "
+                             f"{share['examples']} | {fmt(seed_mean_ppl(mops, share['indices']))} | "
+                             f"{fmt(seed_mean_ppl(single, share['indices']))} | "
+                             f"{format_delta(c['mean']) if c else ''} |")
     return lines
 
 

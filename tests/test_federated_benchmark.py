@@ -65,3 +65,26 @@ def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_option
     assert bench.like_for_like("mops", labels) == ["single", "prompt-equal", "single:lr=0.1"]
     assert bench.like_for_like("mops@rounds=20,local_steps=5", labels) == ["single@rounds=20,local_steps=5"]
     assert bench.like_for_like("mops@strategy=fedavgm", labels) == []
+
+
+def test_each_client_table_pairs_every_mops_run_with_the_single_prompt_of_its_schedule(load_benchmark):
+    bench = load_benchmark("federated")
+    counts = {"client 0": {"a": 15, "b": 1}, "client 1": {"a": 1, "b": 15}}
+    shares = {"0": {"examples": 2, "indices": [0, 1]}, "1": {"examples": 2, "indices": [2, 3]}}
+
+    def run(label, nll):
+        return {"setting": "2:4", "partition": "skew", "label": label, "seed": 0, "partition_counts": counts,
+                "per_client": shares, "per_example": {"nll": [nll * 5] * 4, "tokens": [5] * 4}}
+
+    labels = ["mops", "mops@rounds=20,local_steps=5", "single", "single@rounds=20,local_steps=5"]
+    nll = {"mops": 1.0, "single": 1.2, "mops@rounds=20,local_steps=5": 0.9, "single@rounds=20,local_steps=5": 1.1}
+    runs = {f"2:4/skew/{m}/seed0": run(m, nll[m]) for m in labels}
+    rows = [r for r in bench._per_client({"runs": runs}, ["2:4"], labels) if r.startswith("| 2:4 |")]
+    assert [r.split(" | ")[1:4] for r in rows] == [
+        ["mops", "single", "0"], ["mops", "single", "1"],
+        ["mops@rounds=20,local_steps=5", "single@rounds=20,local_steps=5", "0"],
+        ["mops@rounds=20,local_steps=5", "single@rounds=20,local_steps=5", "1"]]
+    assert rows[0].split(" | ")[4:7] == ["a", "50%", "2"]  # client 0's large category, its share of training
+    assert all(r.split(" | ")[7] == "2.72" for r in rows[:2])  # exp(1.0): the share's own perplexity
+    assert all(r.split(" | ")[8] == "3.32" for r in rows[:2])  # exp(1.2), the 10 x 10 single prompt's
+    assert all(r.split(" | ")[8] == "3.00" for r in rows[2:])  # exp(1.1), the 20 x 5 one's
