@@ -443,6 +443,7 @@ def main(argv=None) -> None:
             render(results, out_json)
         print(f"{key:>48}  ppl {cell['ppl']:9.2f}", flush=True)
 
+    checked = set()
     for setting, partition, method, seed in jobs:
         key = run_key(setting, partition, method.label, seed)
         with results_lock(out_json):
@@ -456,8 +457,15 @@ def main(argv=None) -> None:
                 save(key, {"setting": setting, "partition": partition, "label": method.label, "seed": seed, **cell})
             continue
         base = pruned_checkpoint(args, setting)
-        if run_key(setting, "none", "pruned", None) not in results["runs"]:
+        pruned = results["runs"].get(run_key(setting, "none", "pruned", None))
+        if not pruned:
             save(run_key(setting, "none", "pruned", None), {"setting": setting, **run_pruned(args, base)})
+        elif setting not in checked:  # a checkpoint pruned again elsewhere differs: its runs would not pair
+            from mops.eval.perplexity import require_same_model
+            from mops.models import load_model
+
+            require_same_model(*load_model(base), scored, pruned["per_example"], base, out_json)
+            checked.add(setting)
         if partition == "centralized":
             cell = run_centralized(args, base, seed, method)
         else:

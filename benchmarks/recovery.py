@@ -42,7 +42,7 @@ from mops.cli_common import run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
 from mops.errors import UserError
 from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, recovered_share, verdict
-from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
+from mops.eval.perplexity import RESPONSE_MAX_LEN, require_same_model, response_perplexity
 from mops.gate_analysis import draw_heatmaps
 from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
@@ -186,6 +186,10 @@ def main(argv=None) -> None:
             model, tok = load_model(args.model, device=args.device)
             prune_to_folder(model, tok, prune_config, pruned_dir, model_name=args.model, force=True, quiet=True)
         sparsity = json.loads((pruned_dir / "sparsity_report.json").read_text())["overall_sparsity"]
+        pruned_cell = results["cells"].get(cell_key(setting, "none", None))
+        if pruned_cell:  # a checkpoint pruned again elsewhere differs: its cells would not pair with the file's
+            require_same_model(*load_model(pruned_dir, device=args.device), test, pruned_cell["per_example"],
+                               pruned_dir, out_json)
         lower = LowerStates()  # one store per pruned model: its methods share the frozen layers below l
         for spec, seed in todo:
             key = cell_key(setting, spec.spec, seed)

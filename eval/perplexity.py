@@ -101,6 +101,35 @@ def response_perplexity(model, tokenizer, records, max_len: int = RESPONSE_MAX_L
     }
 
 
+#: Held-out examples :func:`rescore_drift` scores, and the drift beyond which a model is not the
+#: one scored before. The same weights on another CPU drift by about 1e-5 (float order); the
+#: embedded model pruned to 2:4 again on another machine by 3% on these 8 examples.
+DRIFT_EXAMPLES, DRIFT_TOLERANCE = 8, 1e-3
+
+
+def rescore_drift(model, tokenizer, records, per_example: dict, examples: int = DRIFT_EXAMPLES) -> float:
+    """How far ``model`` now scores the first ``examples`` of ``records`` from ``per_example``
+    (a :func:`response_perplexity` of the same records, saved earlier): ppl_now / ppl_then - 1
+    over those examples. A results file checks with it that a checkpoint made again (a pruned
+    model re-pruned on another machine) is still the model its cells were made on."""
+    now = response_perplexity(model, tokenizer, records[:examples], progress=False)["per_example"]
+    then = {k: v[:examples] for k, v in per_example.items()}
+    if now["tokens"] != then["tokens"]:
+        return math.inf  # other examples or another tokenizer: nothing to compare
+    return math.exp((sum(now["nll"]) - sum(then["nll"])) / sum(now["tokens"])) - 1
+
+
+def require_same_model(model, tokenizer, records, per_example: dict, checkpoint, results_file) -> None:
+    """Refuse (one line) to add cells made on ``checkpoint`` to ``results_file`` when it is not
+    the model the file's saved score ``per_example`` was made with: pairing the two would
+    compare methods across different pruned models."""
+    drift = rescore_drift(model, tokenizer, records, per_example)
+    if not abs(drift) <= DRIFT_TOLERANCE:
+        raise UserError(f"{checkpoint} scores {DRIFT_EXAMPLES} held-out examples {drift:+.2%} away from the model "
+                        f"{results_file}'s cells were made on (pruned again, on another machine or library build?); "
+                        "use --name for a new study, or bring back that checkpoint")
+
+
 def _llama_family(model) -> bool:
     inner = getattr(model, "model", None)
     return all(hasattr(inner, part) for part in ("layers", "embed_tokens", "norm", "rotary_emb")) and \

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from mops.baselines import (METHODS, Budget, lora_equal_layout, lora_param_count, mixture_for, mixture_params,
                             parse_method, prepare, trainable_count)
@@ -136,6 +137,30 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert again.returncode == 0 and "ppl" not in again.stdout  # nothing left to do
     other = subprocess.run(argv + ["--steps", "3"], capture_output=True, text=True)
     assert other.returncode == 2 and "was made with other settings" in other.stderr
+
+
+def test_a_checkpoint_pruned_again_differently_is_refused_and_the_file_is_kept(tmp_path, tiny_dir):
+    def study(*methods):
+        return subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir,
+                               "--name", "t", "--settings", "2:4", "--methods", *methods, "--seeds", "0",
+                               "--limit-per-source", "40", "--steps", "2", "--batch-size", "2", "--max-len", "96",
+                               "--test-examples", "12", "--gate-pretrain-examples", "8", "--gate-pretrain-steps", "2",
+                               "--prune-method", "magnitude", "--work-dir", str(tmp_path / "work"),
+                               "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+
+    assert study("none").returncode == 0
+    same = study("none", "prompt")  # the same checkpoint: checked, and the study goes on
+    assert same.returncode == 0, same.stderr[-2000:]
+    saved = (tmp_path / "out" / "recovery_t.json").read_bytes()
+    weights = next((tmp_path / "work").glob("*/model.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
+    tensors[name] = tensors[name] * 3  # as if pruned again elsewhere: another model under the same name
+    save_file(tensors, weights, metadata={"format": "pt"})
+    other = study("none", "prompt", "uniform")
+    assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
+    assert "away from the model" in other.stderr and "--name" in other.stderr
+    assert (tmp_path / "out" / "recovery_t.json").read_bytes() == saved
 
 
 def test_the_by_source_comparison_resamples_each_sources_examples_alone(load_benchmark):
