@@ -666,6 +666,7 @@ def _per_client(results, settings, labels) -> list[str]:
     """Each client's own share, for every MoPs run against the single prompt run under the same
     federated options (10 x 10 against 10 x 10, 20 x 5 against 20 x 5)."""
     runs = results["runs"]
+    rows = []
     lines = ["", "## Each client on its own held-out share", "",
              "Each client's share of the held-out examples: every category split over the clients in proportion to "
              "their training examples of it, so a client's share has its own skewed mix (15 of every 18 examples "
@@ -689,11 +690,11 @@ def _per_client(results, settings, labels) -> list[str]:
                 large = [cat for cat in mine if mine[cat] == max(counts[k][cat] for k in counts) and mine[cat] > 1]
                 rare = sum(totals[cat] for cat in large) / sum(totals.values())
                 c = compare(mops, single, share["indices"]) if share["examples"] else None
-                lines.append(f"| {s} | {ours} | {base} | {client} | {', '.join(large)} | {100 * rare:.0f}% | "
+                rows.append(f"| {s} | {ours} | {base} | {client} | {', '.join(large)} | {100 * rare:.0f}% | "
                              f"{share['examples']} | {fmt(seed_mean_ppl(mops, share['indices']))} | "
                              f"{fmt(seed_mean_ppl(single, share['indices']))} | "
                              f"{format_delta(c['mean']) if c else ''} |")
-    return lines
+    return lines + rows if rows else []
 
 
 def _cost(results, settings, labels) -> list[str]:
