@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from mops.models import resolve_checkpoint
 
@@ -88,3 +89,16 @@ def load_benchmark():
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def reprune():
+    """Change the one pruned checkpoint under a benchmark's work folder in place, as if it had
+    been pruned again elsewhere: another model under the same name."""
+    def change(work_dir: Path) -> None:
+        weights = next(Path(work_dir).glob("*/model.safetensors"))
+        tensors = load_file(weights)
+        name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
+        save_file(tensors | {name: tensors[name] * 3}, weights, metadata={"format": "pt"})
+
+    return change

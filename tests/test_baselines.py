@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from mops.baselines import (METHODS, Budget, lora_equal_layout, lora_param_count, mixture_for, mixture_params,
                             parse_method, prepare, trainable_count)
@@ -139,7 +138,7 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert other.returncode == 2 and "was made with other settings" in other.stderr
 
 
-def test_a_checkpoint_pruned_again_differently_is_refused_and_the_file_is_kept(tmp_path, tiny_dir):
+def test_a_checkpoint_pruned_again_differently_is_refused_and_the_file_is_kept(tmp_path, tiny_dir, reprune):
     def study(*methods):
         return subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir,
                                "--name", "t", "--settings", "2:4", "--methods", *methods, "--seeds", "0",
@@ -152,11 +151,7 @@ def test_a_checkpoint_pruned_again_differently_is_refused_and_the_file_is_kept(t
     same = study("none", "prompt")  # the same checkpoint: checked, and the study goes on
     assert same.returncode == 0, same.stderr[-2000:]
     saved = (tmp_path / "out" / "recovery_t.json").read_bytes()
-    weights = next((tmp_path / "work").glob("*/model.safetensors"))
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
-    tensors[name] = tensors[name] * 3  # as if pruned again elsewhere: another model under the same name
-    save_file(tensors, weights, metadata={"format": "pt"})
+    reprune(tmp_path / "work")
     other = study("none", "prompt", "uniform")
     assert other.returncode == 2 and len(other.stderr.strip().splitlines()) == 1, other.stderr[-2000:]
     assert "away from the model" in other.stderr and "--name" in other.stderr

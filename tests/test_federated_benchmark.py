@@ -11,13 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = str(REPO / "benchmarks" / "federated.py")
 
 
-def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tiny_dir):
+def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tiny_dir, reprune):
     argv = [sys.executable, BENCH, "--model", tiny_dir, "--name", "t", "--settings", "2:4", "--methods", "mops",
             "single", "--seeds", "0", "--partitions", "skew", "--clients", "2", "--rounds", "1", "--local-steps", "1",
             "--batch-size", "2", "--max-len", "48", "--limit-per-source", "40", "--gate-pretrain-examples", "8",
@@ -46,10 +45,7 @@ def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tin
     other = subprocess.run(argv + ["--rounds", "2"], capture_output=True, text=True)
     assert other.returncode == 2 and "was made with other settings" in other.stderr
     saved = (tmp_path / "out" / "federated_t.json").read_bytes()
-    weights = next((tmp_path / "work").glob("*/model.safetensors"))
-    tensors = load_file(weights)
-    name = next(k for k in tensors if k.endswith("layers.0.mlp.down_proj.weight"))
-    save_file(tensors | {name: tensors[name] * 3}, weights, metadata={"format": "pt"})  # pruned again, elsewhere
+    reprune(tmp_path / "work")
     moved = subprocess.run(argv + ["--seeds", "1"], capture_output=True, text=True)
     assert moved.returncode == 2 and "away from the model" in moved.stderr, moved.stderr[-2000:]
     assert (tmp_path / "out" / "federated_t.json").read_bytes() == saved and not (tmp_path / "runs" / "t" / "2of4" / \
