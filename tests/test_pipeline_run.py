@@ -97,6 +97,16 @@ def test_one_command_writes_a_report_with_every_model(reference):
     assert not re.search(r"""(src|href)=["'](?!data:)""", html)  # nothing outside the file
 
 
+def test_each_eval_says_where_its_seconds_went(reference):
+    _, out = reference
+    evals = [json.loads(p.read_text()) for p in (out / "stages" / "eval").glob("*/eval.json")]
+    assert len(evals) == 4
+    for e in evals:
+        parts = e["seconds_by_part"]
+        assert list(parts) == ["load", "wikitext2", "response", "lm_eval"] and min(parts.values()) > 0
+        assert sum(parts.values()) == pytest.approx(e["seconds"], abs=0.05)
+
+
 def test_the_pruned_model_and_adapters_have_names_a_person_can_type(reference):
     _, out = reference
     import mops

@@ -57,13 +57,21 @@ def run(stage, job, tmp) -> dict:
 
     recipe, e = job.world.recipe, job.world.recipe.evaluate
     started = time.perf_counter()
+    seconds = {}  # where an eval's time goes, part by part (the main job has 15 minutes in all)
+
+    def lap(part: str) -> None:
+        seconds[part] = time.perf_counter() - started - sum(seconds.values())
+
     model, tokenizer, harness, sparsity = load_scored(stage, job)
+    lap("load")
     wiki = wikitext_perplexity(model, tokenizer, e.wikitext.seq_len, e.wikitext.windows, progress=not job.quiet)
     wiki |= ppl_interval({"nll": wiki["per_window"], "tokens": [wiki["seq_len"] - 1] * wiki["windows"]},
                          e.resamples, recipe.seed)
+    lap("wikitext2")
     test = job.world.test_records(e.response.examples)
     response = response_perplexity(model, tokenizer, test, progress=not job.quiet)
     response |= ppl_interval(response["per_example"], e.resamples, recipe.seed)
+    lap("response")
     result = {"label": stage.label, "model": stage.spec["model"], "sparsity": sparsity, "wikitext2": wiki,
               "response": response, "lm_eval": [], "lm_eval_version": None}
     if isinstance(harness, dict):  # lm-eval loads its own copy: free this one first (a 7B model twice is too much)
@@ -80,7 +88,9 @@ def run(stage, job, tmp) -> dict:
         result["lm_eval_version"] = metadata.version("lm_eval")
         for i, r in enumerate(runs):  # lm-eval's own results files, as mops-eval keeps them
             (tmp / f"lm_eval.{i + 1}.json").write_text(json.dumps(r, indent=2, default=handle_non_serializable) + "\n")
+        lap("lm_eval")
     result["seconds"] = time.perf_counter() - started
+    result["seconds_by_part"] = seconds
     (tmp / EVAL_JSON).write_text(json.dumps(result) + "\n")
     return {"wikitext2_ppl": wiki["ppl"], "response_ppl": response["ppl"],
             "lm_eval": {f"{s['task']} {s['metric']}": s["value"] for s in result["lm_eval"]}}
