@@ -513,6 +513,16 @@ def like_for_like(ours: str, labels: list[str]) -> list[str]:
     return [m for m in labels if parse_label(m).kind != "mops" and parse_label(m).options == options]
 
 
+def extends(variant: str, labels: list[str]) -> list[str]:
+    """The variants ``variant`` adds federated options to: the same method and overrides, with a
+    proper subset of its options (``mops@rounds=20,local_steps=5`` for
+    ``mops@rounds=20,local_steps=5,strategy=fedavgm``), so each added option is judged on its own.
+    The plain method is left out: the tuning table has its own column for it."""
+    head, options = variant.partition("@")[0], parse_label(variant).options.items()
+    return [m for m in labels if m != variant and "@" in m and m.partition("@")[0] == head
+            and parse_label(m).options.items() < options]
+
+
 def seed_mean_ppl(runs: list[dict], indices=None) -> float | None:
     return perplexity(mean_over_seeds([per_example_of(c, indices) for c in runs])) if runs else None
 
@@ -631,16 +641,20 @@ def _variants(results, settings, labels) -> list[str]:
                 plain = parse_label(m).kind
                 if m == plain:
                     continue
-                c = compare(seed_runs(runs, s, part, m), seed_runs(runs, s, part, plain))
-                ppl = seed_mean_ppl(seed_runs(runs, s, part, m))
+                ours = seed_runs(runs, s, part, m)
+                c = compare(ours, seed_runs(runs, s, part, plain))
+                nested = [(o, compare(ours, seed_runs(runs, s, part, o))) for o in extends(m, labels)]
+                nested = "; ".join(f"`{o}`: {format_delta(n['mean'])}" for o, n in nested if n)
+                ppl = seed_mean_ppl(ours)
                 if ppl is not None:
-                    rows.append(f"| {s} | {part} | `{m}` | {ppl:.2f} | {format_delta(c['mean']) if c else ''} |")
+                    rows.append(f"| {s} | {part} | `{m}` | {ppl:.2f} | {format_delta(c['mean']) if c else ''} | {nested} |")
     if not rows:
         return []
     return ["", f"## Variants against their plain method ({results['protocol']['score_split']} split)", "",
             "Each variant's perplexity, and ppl_variant / ppl_plain - 1 [95% interval] where the plain method ran "
-            "too. The commands are in 'Every run'.", "",
-            "| setting | partition | variant | ppl | against the plain method |", "| --- | --- | --- | ---: | ---: |",
+            "too; likewise against each variant it adds federated options to. The commands are in 'Every run'.", "",
+            "| setting | partition | variant | ppl | against the plain method | against the variants it extends |",
+            "| --- | --- | --- | ---: | ---: | --- |",
             *rows]
 
 

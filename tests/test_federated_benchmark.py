@@ -73,6 +73,16 @@ def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_option
     assert bench.like_for_like("mops@strategy=fedavgm", labels) == []
 
 
+def test_a_variant_is_also_compared_with_the_variants_it_adds_options_to(load_benchmark):
+    bench = load_benchmark("federated")
+    labels = ["mops", "mops@rounds=20,local_steps=5", "mops@strategy=fedavgm", "mops:lr=0.1@rounds=20,local_steps=5",
+              "mops@rounds=20,local_steps=5,strategy=fedavgm", "single@rounds=20,local_steps=5"]
+    assert bench.extends("mops@rounds=20,local_steps=5,strategy=fedavgm", labels) == [
+        "mops@rounds=20,local_steps=5", "mops@strategy=fedavgm"]
+    assert bench.extends("mops@rounds=20,local_steps=5", labels) == []  # the plain method has its own column
+    assert bench.extends("mops:lr=0.1@rounds=20,local_steps=5", labels) == []  # other overrides: another method
+
+
 def test_each_client_table_pairs_every_mops_run_with_the_single_prompt_of_its_schedule(load_benchmark):
     bench = load_benchmark("federated")
     counts = {"client 0": {"a": 15, "b": 1}, "client 1": {"a": 1, "b": 15}}
