@@ -518,9 +518,9 @@ def extends(variant: str, labels: list[str]) -> list[str]:
     proper subset of its options (``mops@rounds=20,local_steps=5`` for
     ``mops@rounds=20,local_steps=5,strategy=fedavgm``), so each added option is judged on its own.
     The plain method is left out: the tuning table has its own column for it."""
-    head, options = variant.partition("@")[0], parse_label(variant).options.items()
-    return [m for m in labels if m != variant and "@" in m and m.partition("@")[0] == head
-            and parse_label(m).options.items() < options]
+    ours = parse_label(variant)
+    return [m for m in labels if (other := parse_label(m)).spec == ours.spec and other.options
+            and other.options.items() < ours.options.items()]
 
 
 def seed_mean_ppl(runs: list[dict], indices=None) -> float | None:
