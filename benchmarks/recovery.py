@@ -308,6 +308,29 @@ def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
     return out
 
 
+def extends(spec: str, methods: list[str]) -> list[str]:
+    """The variants ``spec`` adds overrides to: the same method with a proper subset of its
+    overrides, at the same values (``mops:combine=attention,gate_hidden=0`` for
+    ``mops:combine=attention,gate_hidden=0,top_k=1``), so each added option is judged on its own."""
+    ours = parse_method(spec)
+    mine = {**ours.mixture, **ours.training}
+    return [m for m in methods if (other := parse_method(m)).name == ours.name
+            and {**other.mixture, **other.training}.items() < mine.items()]
+
+
+def variant_comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
+    """Every variant against each variant it extends (:func:`extends`), seeds averaged."""
+    out = []
+    for spec in methods:
+        ours = summary(cells, setting, spec)
+        for base in extends(spec, methods) if ours else []:
+            theirs = summary(cells, setting, base)
+            if theirs and theirs["per_example"]["tokens"] == ours["per_example"]["tokens"]:
+                result = paired_bootstrap(ours["per_example"], theirs["per_example"])
+                out.append({"variant": spec, "extends": base, **result, "verdict": verdict(result)})
+    return out
+
+
 def per_seed(ours: list[dict], theirs: list[dict]) -> dict[int, dict]:
     """The same comparison at each training seed both methods ran, when there are several:
     the bootstrap resamples examples, not training runs, so the seeds show the spread it leaves out."""
@@ -391,6 +414,16 @@ def markdown(results: dict, stem: str) -> str:
         for c in compared[s]:
             seeds = "; ".join(f"seed {k}: {format_delta(r)} {verdict(r)}" for k, r in c["per_seed"].items())
             lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} | {seeds} |")
+    nested = [{**x, "setting": s} for s in settings for x in variant_comparisons(cells, s, methods)]
+    if nested:
+        lines += ["", "## Variants against the variants they add options to", "",
+                  "Each variant against every variant with a subset of its overrides (the same values), so each "
+                  "added option is judged on its own: ppl_variant / ppl_other - 1, paired bootstrap 95% interval as "
+                  "above.", "",
+                  "| setting | variant | against | variant vs it [95% interval] | verdict |",
+                  "| --- | --- | --- | ---: | --- |"]
+        lines += [f"| {r['setting']} | {r['variant']} | {r['extends']} | {format_delta(r)} | {r['verdict']} |"
+                  for r in nested]
     rows = [r for s in settings for r in ({**x, "setting": s} for x in by_source(results, s, compared[s]))]
     if rows:
         lines += ["", "## MoPs against each baseline, by data source", "",

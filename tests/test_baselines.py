@@ -199,3 +199,22 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
                          capture_output=True, text=True)
     assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert flag[-1] in run.stderr and not any(tmp_path.iterdir())
+
+
+def test_a_recovery_variant_is_compared_with_each_variant_whose_overrides_it_keeps(load_benchmark):
+    recovery = load_benchmark("recovery")
+    methods = ["prompt-equal", "mops:combine=attention", "mops:combine=attention,top_k=1",
+               "mops:combine=attention,top_k=1,steps=600", "mops:combine=interpolate,top_k=1", "mops"]
+    assert recovery.extends("mops:combine=attention,top_k=1,steps=600", methods) == [
+        "mops:combine=attention", "mops:combine=attention,top_k=1", "mops"]  # training overrides count too
+    assert recovery.extends("mops:combine=interpolate,top_k=1", methods) == ["mops"]  # another value: not a subset
+    assert recovery.extends("mops", methods) == [] and recovery.extends("prompt-equal", methods) == []
+
+    tokens = [5, 7]
+    cell = lambda method, nll: {"setting": "3:4", "method": method, "seed": 0, "trainable_params": 1,  # noqa: E731
+                                "per_example": {"nll": nll, "tokens": tokens}}
+    cells = {"3:4/mops/seed0": cell("mops", [5.0, 7.0]),
+             "3:4/mops:combine=attention/seed0": cell("mops:combine=attention", [2.5, 3.5])}  # half the NLL
+    rows = recovery.variant_comparisons(cells, "3:4", ["mops", "mops:combine=attention"])
+    assert [(r["variant"], r["extends"]) for r in rows] == [("mops:combine=attention", "mops")]
+    assert abs(rows[0]["delta"] - (math.exp(-0.5) - 1)) < 1e-12 and rows[0]["verdict"] == "lower"
