@@ -253,3 +253,18 @@ def test_federated_lora_sends_its_matrices_and_leaves_the_base_sparse(fedadam_lo
     again = response_perplexity(lm, tok, test, progress=False)
     assert np.allclose(again["per_example"]["nll"], history["test"]["adapter"]["per_example"]["nll"], rtol=1e-5)
     assert history["test"]["adapter"]["ppl"] != history["test"]["base"]["ppl"]
+
+
+def test_ray_counts_only_the_cores_this_process_may_run_on(monkeypatch):
+    """A run pinned to one core (taskset) must train one client at a time: Ray's pool is its
+    cores over each client's share, and Ray counts the machine's cores unless told."""
+    import os
+
+    from mops.federated import simulation
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)
+    backend = simulation.ray_backend(1.0, 0.0, quiet=True)
+    assert backend["init_args"]["num_cpus"] == 1 and backend["client_resources"]["num_cpus"] == 1.0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert simulation.ray_backend(0.5, 0.0, quiet=False)["init_args"] == {
+        "num_cpus": 2, "logging_level": "WARNING", "log_to_driver": True, "include_dashboard": False}
