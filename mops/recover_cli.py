@@ -24,7 +24,7 @@ from mops.errors import UserError
 from mops.mixture import COMBINES, GATES, MixtureConfig
 from mops.models import load_model
 from mops.outputs import check_output_dir
-from mops.train import MIXED_PRECISION, TrainConfig, recover
+from mops.train import LR_SCHEDULES, MIXED_PRECISION, TrainConfig, recover
 
 EPILOG = """example (the README's main job, after `prune`):
   mops-recover --base runs/demo/pruned/sparsegpt-2of4 --data dolly --data natural-instructions \\
@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"examples per micro-batch (default: {d.batch_size})")
     t.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step (default: 1)")
     t.add_argument("--lr", type=float, default=d.lr, help=f"experts' learning rate (default: {d.lr})")
+    t.add_argument("--lr-schedule", default=d.lr_schedule, help=f"{', '.join(LR_SCHEDULES)}: cosine decays every "
+                   f"learning rate to 0 over the run's steps (default: {d.lr_schedule})")
     t.add_argument("--lora-lr", type=float, default=d.lora_lr, help="LoRA's learning rate (with --method lora or "
                    f"lora-equal) (default: {d.lora_lr})")
     t.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gate's learning rate in joint training; 0 keeps "
@@ -128,7 +130,7 @@ def main(argv=None) -> None:
                          args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance,
-                         lora_lr=args.lora_lr)
+                         lora_lr=args.lora_lr, lr_schedule=args.lr_schedule)
     config.validate()
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")

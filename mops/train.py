@@ -7,7 +7,7 @@ Prompts on a frozen (pruned) model.
 2. Gate pretraining (experts frozen): a classifier from the pooled instruction states to
    the example's category, category c -> expert c mod K.
 3. Joint training: response-only LM loss, AdamW with two learning rates (experts, gate),
-   gradient accumulation, accelerate for device placement and mixed precision,
+   held constant or decayed to 0 along a cosine (``lr_schedule``), gradient accumulation, accelerate for device placement and mixed precision,
    validation perplexity every ``eval_every`` steps, and a checkpoint every
    ``checkpoint_every`` steps that ``resume=True`` continues from, exactly. Each
    micro-batch is packed into one sequence and the frozen layers below l run once per
@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +55,7 @@ from mops.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
 MIXED_PRECISION = ("no", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -75,6 +77,7 @@ class TrainConfig:
     warm_steps: int = 0  # steps with the gate held uniform before it routes
     balance: float = 0.0  # weight of the load-balancing term
     lora_lr: float = 2e-3  # LoRA's tensors (the lora baselines): a hundred times smaller than the prompts'
+    lr_schedule: str = "constant"  # or "cosine": every group's rate from its lr down to 0 over the run's steps
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "checkpoint_every",
@@ -92,6 +95,8 @@ class TrainConfig:
         for name in ("gate_lr", "balance"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"--lr-schedule {self.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(f"--mixed-precision {self.mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
 
@@ -199,7 +204,21 @@ def trainable_groups(lm: PromptedLM, config: TrainConfig, extra_params=()) -> li
         groups.append({"params": list(extra_params), "lr": config.lora_lr, "name": "lora"})
     if gate:
         groups.append({"params": gate, "lr": config.gate_lr, "name": "gate"})
+    for group in groups:
+        group["base_lr"] = group["lr"]  # what the schedule scales
     return groups
+
+
+def schedule_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> None:
+    """Set every group's rate for optimizer step ``step`` (0-based) of ``total_steps``.
+
+    A pure function of the step, so a resumed run (or a federated client, which builds a
+    new optimizer every round) follows the same curve as an uninterrupted one."""
+    factor = 1.0
+    if config.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -240,7 +259,9 @@ def run_fingerprint(c: MixtureConfig, config: TrainConfig, train_records: list[I
                     extra_params=()) -> dict:
     """What fixes a run's trajectory: a checkpoint resumes only under the same values."""
     digest = hashlib.sha256(json.dumps([r.to_dict() for r in train_records]).encode()).hexdigest()
-    bookkeeping = {"steps", "eval_every", "eval_examples", "checkpoint_every"}
+    bookkeeping = {"eval_every", "eval_examples", "checkpoint_every"}
+    if config.lr_schedule == "constant":
+        bookkeeping.add("steps")  # a constant rate lets a resumed run go on for longer; a schedule does not
     return {"mixture": asdict(c), "training": {k: v for k, v in asdict(config).items() if k not in bookkeeping},
             "train_data_sha256": digest, "extra_params": [list(p.shape) for p in extra_params]}
 
@@ -349,9 +370,11 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             accelerator.backward(out.loss / config.grad_accum)
             loss_sum += out.lm_loss / config.grad_accum
             usage.append(out.usage)
+        schedule_lr(optimizer, config, step, config.steps)
         optimizer.step()
         step += 1
         history["train_loss"].append(loss_sum)
+        history.setdefault("lr", []).append(optimizer.param_groups[0]["lr"])  # the experts' (or LoRA's) rate
         history.setdefault("expert_usage", []).append([sum(u) / len(usage) for u in zip(*usage)])
         postfix = {"loss": f"{loss_sum:.3f}"}
         if val and (step % config.eval_every == 0 or step == config.steps):

@@ -1,6 +1,7 @@
 """Training, adapters on disk, resume, and the mops-recover command on a tiny model."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from mops.mixture import MixtureConfig
 from mops.models import load_model
 from mops.recover_cli import checkpoint_dir_for, entry
 from mops.lower_cache import pooled_gate_inputs
-from mops.train import TrainConfig, category_targets, recover
+from mops.train import TrainConfig, category_targets, recover, schedule_lr, trainable_groups
 from mops.data import encode_example
 
 
@@ -68,9 +69,10 @@ def test_save_load_roundtrip_and_a_different_base_is_refused(tmp_path, tiny_dir,
         mops.load(tiny_dir, tmp_path / "missing")
 
 
-def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_dir, splits):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_dir, splits, schedule):
     mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
-    config = small(steps=6, checkpoint_every=2, eval_every=3)
+    config = small(steps=6, checkpoint_every=2, eval_every=3, lr_schedule=schedule)
     model, tok = load_model(tiny_dir)
     whole, whole_history = recover(model, tok, splits, mixture, config, checkpoint_dir=tmp_path / "a", progress=False)
 
@@ -91,6 +93,23 @@ def test_a_killed_run_resumes_to_the_same_adapter(tmp_path, tiny_dir, splits):
     for (name, a), (_, b) in zip(whole.mixture.state_dict().items(), resumed.mixture.state_dict().items()):
         assert torch.equal(a, b), name
     assert resumed_history["train_loss"] == whole_history["train_loss"]
+    assert resumed_history["lr"] == whole_history["lr"]
+
+
+def test_the_cosine_schedule_takes_every_rate_from_its_value_down_to_zero(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
+    lm, history = recover(model, tok, splits, mixture, small(steps=4, lr=0.2, gate_lr=0.01, lr_schedule="cosine"),
+                          progress=False)
+    assert history["lr"] == pytest.approx([0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 - math.cos(math.pi / 4))])
+    # the gate's rate follows the same curve: apply the last step's schedule to fresh groups
+    optimizer = torch.optim.AdamW(trainable_groups(lm, small(gate_lr=0.01, lr_schedule="cosine")))
+    schedule_lr(optimizer, small(lr_schedule="cosine"), 2, 4)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3 * 0.5, 0.01 * 0.5])
+    model, tok = load_model(tiny_dir)
+    _, constant = recover(model, tok, splits, mixture, small(steps=4, lr=0.2, gate_lr=0.01), progress=False)
+    assert constant["lr"] == [0.2] * 4 and constant["train_loss"][0] == history["train_loss"][0]
+    assert constant["train_loss"][1:] != history["train_loss"][1:]
 
 
 def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, splits):
@@ -117,6 +136,7 @@ BAD = [
     (["--steps", "0"], "--steps 0"),
     (["--lora-lr", "0"], "--lora-lr 0.0: expected a positive learning rate"),
     (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'"),
+    (["--lr-schedule", "linear"], "--lr-schedule 'linear': expected one of constant, cosine"),
     (["--max-len", "1"], "--max-len 1"),
     (["--prompt-len", "0"], "--prompt-len 0: nothing to train"),
     (["--device", "gpu"], "--device 'gpu'"),

@@ -48,7 +48,7 @@ from mops.federated.common import (
 from mops.federated.config import CONFIG_KEY, FederatedConfig
 from mops.federated.methods import Trainee, setup_for, uploaded_names
 from mops.lower_cache import pooled_gate_inputs
-from mops.train import BatchOrder, pretrain_gate, trainable_groups, training_loss
+from mops.train import BatchOrder, pretrain_gate, schedule_lr, trainable_groups, training_loss
 
 GATE_QUERY = "query.gate"  # the server asks for pooled gate inputs and labels (gate_init = "server")
 
@@ -112,6 +112,7 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
                 loss = loss + proximal_mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
             (loss / tc.grad_accum).backward()
             loss_sum += out.lm_loss / tc.grad_accum
+        schedule_lr(optimizer, tc, (server_round - 1) * config.local_steps + step, config.rounds * config.local_steps)
         optimizer.step()
         losses.append(loss_sum)
     watch.lap("train")

@@ -34,7 +34,7 @@ from mops.mixture import COMBINES, GATES, MixtureConfig
 from mops.models import DTYPES
 from mops.prune.config import METHODS as PRUNE_METHODS
 from mops.prune.config import PruneConfig, parse_pattern
-from mops.train import MIXED_PRECISION, TrainConfig
+from mops.train import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
 
 LABEL = r"^[A-Za-z0-9._-]+$"
 Label = Annotated[str, Field(pattern=LABEL, description="a name of letters, digits, '.', '_' and '-'")]
@@ -77,6 +77,7 @@ TRAIN_RULES = {
     "eval_examples": Annotated[int, Field(ge=1)],
     "checkpoint_every": Annotated[int, Field(ge=1)],
     "mixed_precision": Literal[MIXED_PRECISION],
+    "lr_schedule": Literal[LR_SCHEDULES],
     "warm_steps": Annotated[int, Field(ge=0)],
     "balance": Annotated[float, Field(ge=0)],
 }
