@@ -255,6 +255,21 @@ def test_federated_lora_sends_its_matrices_and_leaves_the_base_sparse(fedadam_lo
     assert history["test"]["adapter"]["ppl"] != history["test"]["base"]["ppl"]
 
 
+def test_a_client_follows_the_run_s_learning_rate_schedule_across_rounds(tiny_dir, federated_config):
+    from dataclasses import asdict, replace
+
+    from mops.federated.client_app import local_train
+    from mops.federated.methods import Trainee, setup_for
+    from mops.train import TrainConfig
+
+    train = asdict(replace(TrainConfig(**federated_config(tiny_dir).train), lr_schedule="cosine"))
+    config = federated_config(tiny_dir, train=train)  # 2 rounds x 2 local steps: 4 steps in the run
+    start = Trainee(setup_for(config), [], config.seed).state()
+    _, report = local_train(config, 0, 2, start)
+    # round 2's last step is the run's fourth (index 3 of 4), not its local loop's second
+    assert report["lr-last"] == pytest.approx(3e-2 * 0.5 * (1 + math.cos(math.pi * 3 / 4)))
+
+
 def test_ray_counts_only_the_cores_this_process_may_run_on(monkeypatch):
     """A run pinned to one core (taskset) must train one client at a time: Ray's pool is its
     cores over each client's share, and Ray counts the machine's cores unless told."""

@@ -119,7 +119,7 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
     state = trainee.state(uploaded_names(config, trainee))
     watch.lap("state")
     report.update({"train-loss-first": losses[0], "train-loss": sum(losses) / len(losses),
-                   "train-loss-last": losses[-1], "pid": os.getpid(),
+                   "train-loss-last": losses[-1], "lr-last": optimizer.param_groups[0]["lr"], "pid": os.getpid(),
                    "base-loads": BASE_LOADS[0]})  # 1: the base loaded once in this process
     report.update(phase_metrics(watch))
     log.info("client %d, round %d: %d steps on %d examples, loss %.3f -> %.3f", partition_id, server_round,
