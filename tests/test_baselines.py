@@ -174,6 +174,22 @@ def test_the_by_source_comparison_resamples_each_sources_examples_alone(load_ben
     assert recovery.by_source({**results, "test_sources": None}, "2:4", compared) == []
 
 
+def test_mops_is_compared_with_the_best_of_each_baseline_kind_and_with_lora_for_reference(load_benchmark):
+    recovery = load_benchmark("recovery")
+    tokens = [5, 7, 3, 4]
+    cell = lambda method, nll: {"setting": "2:4", "method": method, "seed": 0, "trainable_params": 1,  # noqa: E731
+                                "per_example": {"nll": nll, "tokens": tokens}}
+    cells = {"2:4/prompt-equal/seed0": cell("prompt-equal", [5.0, 7.0, 3.0, 4.0]),
+             "2:4/prompt-equal:lr=1.0/seed0": cell("prompt-equal", [4.0, 7.0, 3.0, 4.0]),
+             "2:4/lora/seed0": cell("lora", [2.5, 3.5, 1.5, 2.0]),
+             "2:4/mops/seed0": cell("mops", [5.0, 7.0, 3.0, 4.0])}
+    methods = ["prompt-equal", "prompt-equal:lr=1.0", "lora", "mops"]
+    rows = {r["kind"]: r for r in recovery.comparisons(cells, "2:4", methods)}
+    assert set(rows) == {"prompt-equal", "lora"}
+    assert rows["prompt-equal"]["baseline"] == "prompt-equal:lr=1.0"  # the lower of the two
+    assert abs(rows["lora"]["delta"] - (math.exp(9.5 / 19) - 1)) < 1e-12 and rows["lora"]["verdict"] == "higher"
+
+
 def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
     def argv(setting):
         return [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
