@@ -164,8 +164,11 @@ def crashed_run(tiny_dir, tmp_path_factory, caplog_module, federated_config):
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the mod travels to Ray's workers by value
     out = tmp_path_factory.mktemp("fed") / "adapter"
+    # A quarter core per client: every client its own process, even in a run pinned to one core
+    # (Ray gets the process's cores). Clients that share a process die with it, so with fewer
+    # processes than clients the crash would take a co-tenant along and the round would miss two.
     history = run_federated(federated_config(tiny_dir, **CRASH_RUN), out, client_app=make_client_app(mods=[crash_client_mod]),
-                            save_rounds=True, quiet=True)
+                            save_rounds=True, quiet=True, client_cpus=0.25)
     return out, history, caplog_module
 
 
