@@ -7,7 +7,8 @@ Prompts on a frozen (pruned) model.
 2. Gate pretraining (experts frozen): a classifier from the pooled instruction states to
    the example's category, category c -> expert c mod K.
 3. Joint training: response-only LM loss, AdamW with two learning rates (experts, gate),
-   held constant or decayed to 0 along a cosine (``lr_schedule``), gradient accumulation, accelerate for device placement and mixed precision,
+   held constant or decayed to 0 along a cosine (``lr_schedule``), gradient accumulation,
+   accelerate for device placement and mixed precision,
    validation perplexity every ``eval_every`` steps, and a checkpoint every
    ``checkpoint_every`` steps that ``resume=True`` continues from, exactly. Each
    micro-batch is packed into one sequence and the frozen layers below l run once per

@@ -83,6 +83,8 @@ BAD = [
      "recover.methods[2].gate: 'mopz' is not one of mops, attempt, uniform, single"),
     ([("- name: mops", "- {name: mops, combine: mix}")],
      "recover.methods[0].combine: 'mix' is not one of interpolate, attention"),
+    ([("steps: 2", "steps: 2\n    lr_schedule: linear")],
+     "recover.training.lr_schedule: 'linear' is not one of constant, cosine"),
     # unknown method
     ([("- name: mops", "- name: mopps")],
      "recover.methods[0].name: 'mopps' is not one of none, prompt, prompt-equal, uniform, attempt, lora, lora-equal, mops"),
