@@ -14,6 +14,9 @@ l = g = round(0.3 L), 4 examples of at most 256 tokens), in four ways:
 - ``peft`` -- PEFT prompt tuning (``get_peft_model`` with ``PromptTuningConfig``, K*m
   virtual tokens at the input, the same padded batch, labels masked on the instruction).
 
+``packed+stored+bf16`` is the default mixture's stored step under bfloat16 autocast
+(``mops-recover --mixed-precision bf16``): the upper layers' matrix products in bfloat16,
+which pays where the CPU has bfloat16 instructions (AVX512-BF16, AMX) or on a GPU.
 ``--compile`` adds ``packed+stored+compile`` (the upper layers under ``torch.compile``;
 its one-off compile time is reported beside it). The variants are interleaved batch by
 batch and the median of each is reported, so a noisy machine hits all of them alike.
@@ -91,6 +94,8 @@ def main(argv=None) -> None:
         steps[f"{name} padded"] = padded_step(lm, opt, tok.pad_token_id)
         steps[f"{name} packed"] = packed_step(lm, opt, None)
         steps[f"{name} packed+stored"] = packed_step(lm, opt, store)
+        if name == "mops-attention":
+            steps[f"{name} packed+stored+bf16"] = packed_step(lm, opt, store, bf16=True)
     steps["peft prompt tuning"] = peft_step(model, K * m, tok.pad_token_id)
     compile_seconds = None
     if args.compile:
@@ -122,6 +127,7 @@ def main(argv=None) -> None:
                               Budget(MixtureConfig(K, m, gate_layer=g, inject_layer=g)))
     result = {
         "model": args.model, "device": str(model.device), "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "batch_size": args.batch_size, "max_len": args.max_len, "batches": args.batches,
         "tokens_per_batch": statistics.mean(sum(len(e.input_ids) for e in b) for b in batches[1:]),
         "padded_tokens_per_batch": statistics.mean(len(b) * max(len(e.input_ids) for e in b) for b in batches[1:]),
@@ -181,9 +187,14 @@ def padded_step(lm, opt, pad_id):
     return step
 
 
-def packed_step(lm, opt, store):
+def packed_step(lm, opt, store, bf16: bool = False):
+    """``bf16``: the forward under bfloat16 autocast, as ``--mixed-precision bf16`` runs it
+    (accelerate's autocast; the backward outside it, the prompts and AdamW in float32)."""
+    device = lm.base.device.type
+
     def step(batch):
-        out = lm.forward_examples(batch, lower=store)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
+            out = lm.forward_examples(batch, lower=store)
         out.loss.backward()
         opt.step()
         opt.zero_grad()
@@ -213,12 +224,13 @@ def markdown(r: dict, n_virtual: int) -> str:
         f"# Training-step cost on {r['model']}",
         "",
         f"Made by `python benchmarks/step_cost.py{' --compile' if r['compile_seconds'] is not None else ''}` on "
-        f"{r['device']} ({r['threads']} threads): the first {r['batches']} steps of seed 0, batches of "
+        f"{r['device']} ({r['threads']} threads, CPU capability {r.get('cpu_capability', '?')}): the first {r['batches']} steps of seed 0, batches of "
         f"{r['batch_size']} train examples of at most {r['max_len']} tokens ({r['tokens_per_batch']:.0f} tokens a batch "
         f"on average, {r['padded_tokens_per_batch']:.0f} padded), K = {r['experts']}, m = {r['prompt_len']}, "
         f"l = g = {r['gate_layer']}; median of the interleaved steps (forward, backward, AdamW step). `padded` is the "
         "step of commit 0b7bc88; `packed` packs the batch into one sequence; `stored` takes the frozen lower "
-        f"layers' states from a warm store; PEFT prompt tuning has {n_virtual} virtual tokens at the input.",
+        "layers' states from a warm store; `bf16` runs the forward under bfloat16 autocast "
+        f"(`--mixed-precision bf16`); PEFT prompt tuning has {n_virtual} virtual tokens at the input.",
         "",
         "| variant | median step s | speed-up over mops-attention padded |",
         "| --- | ---: | ---: |",

@@ -210,22 +210,25 @@ class PromptedLM(nn.Module):
         """Each token sequence's states entering layer l and entering layer g (None without a
         gate), from the frozen layers below (no prompt there). One sequence at a time, so an
         example's states never depend on which others were computed with it: a run that
-        takes them from a store and one that computes them agree bitwise."""
+        takes them from a store and one that computes them agree bitwise. They run in the
+        base's own precision even under ``--mixed-precision`` autocast, so a store shared
+        across runs holds the same states whichever run filled it."""
         device = self.base.model.embed_tokens.weight.device
+        with torch.autocast(device.type, enabled=False):
+            return [self._lower_states_one(tokens, device) for tokens in sequences]
+
+    def _lower_states_one(self, tokens: list[int], device) -> tuple[torch.Tensor, torch.Tensor | None]:
         needs_gate = self.mixture.needs_gate_states
-        out = []
-        for tokens in sequences:
-            hidden = self.base.model.embed_tokens(torch.tensor([tokens], device=device))
-            at, done = {0: hidden}, 0
-            pack = Packing.build([len(tokens)], 0, shared=True, device=device)
-            for stop in sorted({self.inject_layer, self.gate_layer if needs_gate else 0}):
-                if stop > done:
-                    hidden = at[stop] = self._run_packed(hidden, self.layers[done:stop], pack)
-                    done = stop
-            inject = at[self.inject_layer][0]
-            gate = None if not needs_gate else inject if self.gate_layer == self.inject_layer else at[self.gate_layer][0]
-            out.append((inject, gate))
-        return out
+        hidden = self.base.model.embed_tokens(torch.tensor([tokens], device=device))
+        at, done = {0: hidden}, 0
+        pack = Packing.build([len(tokens)], 0, shared=True, device=device)
+        for stop in sorted({self.inject_layer, self.gate_layer if needs_gate else 0}):
+            if stop > done:
+                hidden = at[stop] = self._run_packed(hidden, self.layers[done:stop], pack)
+                done = stop
+        inject = at[self.inject_layer][0]
+        gate = None if not needs_gate else inject if self.gate_layer == self.inject_layer else at[self.gate_layer][0]
+        return inject, gate
 
     def forward_examples(self, examples: list[EncodedExample], lower=None, gate_weights=None,
                          gate_noise=None) -> PromptedOutput:

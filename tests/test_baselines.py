@@ -68,9 +68,9 @@ def test_a_lora_equal_model_trains_as_many_parameters_as_its_layout_says(tiny_di
 
 
 def test_method_overrides_reach_the_mixture_and_the_training_and_bad_ones_are_refused():
-    spec = parse_method("mops:top_k=1,combine=interpolate,gate_hidden=0,lr=1.0,warm_steps=5")
+    spec = parse_method("mops:top_k=1,combine=interpolate,gate_hidden=0,lr=1.0,warm_steps=5,mixed_precision=bf16")
     assert spec.mixture == {"top_k": 1, "combine": "interpolate", "gate_hidden": 0}
-    assert spec.training == {"lr": 1.0, "warm_steps": 5}
+    assert spec.training == {"lr": 1.0, "warm_steps": 5, "mixed_precision": "bf16"}
     for bad, message in [("mops:top_k", "not key=value"), ("mops:colour=red", "not key=value"),
                          ("mops:top_k=one", "top_k='one' is not a whole number"), ("lora:top_k=1", "lora has no mixture")]:
         with pytest.raises(UserError, match=message):

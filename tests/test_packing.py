@@ -150,3 +150,20 @@ def test_prompt_positions_are_the_positions_the_mixture_prepends(tiny64, kw):
     K = mixture.config.n_experts
     prompt, _ = mixture(torch.full((2, K), 1 / K))
     assert mixture.prompt_positions == prompt.shape[1]
+
+
+def test_the_lower_layers_run_in_full_precision_under_autocast(tiny_dir, examples):
+    """``--mixed-precision bf16`` lowers the upper layers only: the stored states below l are
+    the float32 ones whichever run filled the store, so runs sharing it stay comparable."""
+    model, _ = load_model(tiny_dir)  # float32: what bf16 autocast would lower
+    lm = prompted(model, **MIXTURES[1])
+    plain = LowerStates().states(lm, examples)
+    store = LowerStates()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = store.states(lm, examples)
+        mixed = lm.forward_examples(examples, lower=store).loss
+    for (h, _), (h_mixed, _) in zip(plain, under):
+        assert h_mixed.dtype == torch.float32 and torch.equal(h, h_mixed)
+    full = lm.forward_examples(examples, lower=store).loss
+    assert not torch.equal(mixed, full)  # the upper layers did run in bfloat16
+    torch.testing.assert_close(mixed, full, rtol=2e-2, atol=0)
