@@ -55,7 +55,7 @@ from mops.mixture import Mixture, MixtureConfig
 from mops.outputs import atomic_dir
 
 log = logging.getLogger(__name__)
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("no", "bf16", "fp16", "auto")
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -103,6 +103,20 @@ class TrainConfig:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def resolve_mixed_precision(value: str, device: torch.device) -> str:
+    """``auto``: bf16 where the device multiplies bfloat16 natively (a CUDA GPU that supports
+    it; a CPU with AVX512-BF16 or AMX, where the default step runs 1.5x faster: see
+    ``benchmarks/step_cost.py``), else no (elsewhere bfloat16 is emulated: not measured, so
+    not chosen for anyone). The frozen layers below l stay in the base's precision anyway."""
+    if value != "auto":
+        return value
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:
+        native = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bf16" if native else "no"
 
 
 def category_targets(records: list[InstructionRecord], n_experts: int) -> list[int]:
@@ -292,7 +306,15 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     train_records = splits["train"]
     if not train_records:
         raise UserError("no training records")
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=(device or str(model.device)) == "cpu")
+    from accelerate.state import AcceleratorState
+
+    device = torch.device(device or model.device)
+    precision = resolve_mixed_precision(config.mixed_precision, device)
+    if AcceleratorState._shared_state.get("_mixed_precision") not in (None, precision):
+        # accelerate keeps one state per process and refuses a second precision; a study trains
+        # runs of several precisions one after another in one process, so the last run's goes
+        AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == "cpu")
     model.to(accelerator.device)
     train = [encode_example(tokenizer, r, config.max_len) for r in train_records]
     val = stratified_subset(splits.get("validation", []), config.eval_examples, config.seed)
@@ -322,7 +344,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             raise UserError(f"gate pretraining needs records of at least 2 categories, found {sorted(categories)}; "
                             "map a category field (path.jsonl#...,category=FIELD) or pass --gate-pretrain-steps 0")
     optimizer = torch.optim.AdamW(trainable_groups(lm, config, extra_params), weight_decay=0.0)
-    history = {"train_loss": [], "validation": [], "gate_pretrain_loss": []}
+    history = {"train_loss": [], "validation": [], "gate_pretrain_loss": [], "mixed_precision": precision}
     step = 0
     # only a gate has weights worth a snapshot; uniform and single mixtures skip the encoding too
     records = snapshot_records if lm.mixture.needs_gate_states else []

@@ -14,7 +14,7 @@ from mops.mixture import MixtureConfig
 from mops.models import load_model
 from mops.recover_cli import checkpoint_dir_for, entry
 from mops.lower_cache import pooled_gate_inputs
-from mops.train import TrainConfig, category_targets, recover, schedule_lr, trainable_groups
+from mops.train import TrainConfig, category_targets, recover, resolve_mixed_precision, schedule_lr, trainable_groups
 from mops.data import encode_example
 
 
@@ -110,6 +110,24 @@ def test_the_cosine_schedule_takes_every_rate_from_its_value_down_to_zero(tiny_d
     _, constant = recover(model, tok, splits, mixture, small(steps=4, lr=0.2, gate_lr=0.01), progress=False)
     assert constant["lr"] == [0.2] * 4 and constant["train_loss"][0] == history["train_loss"][0]
     assert constant["train_loss"][1:] != history["train_loss"][1:]
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_and_the_run_records_it(tiny_dir, splits, monkeypatch,
+                                                                                      native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    cpu = torch.device("cpu")
+    assert resolve_mixed_precision("auto", cpu) == ("bf16" if native else "no")
+    assert [resolve_mixed_precision(v, cpu) for v in ("no", "bf16")] == ["no", "bf16"]
+    model, tok = load_model(tiny_dir)
+    mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
+    _, history = recover(model, tok, splits, mixture, small(steps=2, mixed_precision="auto"), progress=False)
+    _, full = recover(model, tok, splits, mixture, small(steps=2), progress=False)
+    assert history["mixed_precision"] == ("bf16" if native else "no") and full["mixed_precision"] == "no"
+    # before the first step both are float32 (gate pretraining and the lower layers never autocast)
+    assert history["validation"][0] == full["validation"][0]
+    assert (history["train_loss"][0] != full["train_loss"][0]) == native
 
 
 def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, splits):
