@@ -107,9 +107,10 @@ class TrainConfig:
 
 def resolve_mixed_precision(value: str, device: torch.device) -> str:
     """``auto``: bf16 where the device multiplies bfloat16 natively (a CUDA GPU that supports
-    it; a CPU with AVX512-BF16 or AMX, where the default step runs 1.5x faster: see
-    ``benchmarks/step_cost.py``), else no (elsewhere bfloat16 is emulated: not measured, so
-    not chosen for anyone). The frozen layers below l stay in the base's precision anyway."""
+    it; a CPU with AVX512-BF16 or AMX: on one, the default step measured 1.9x faster alone in
+    ``benchmarks/step_cost.py``, a whole training loop 1.2x), else no (elsewhere bfloat16 is
+    emulated: not measured, so not chosen for anyone). The frozen layers below l stay in the
+    base's precision anyway."""
     if value != "auto":
         return value
     if device.type == "cuda":
@@ -344,7 +345,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             raise UserError(f"gate pretraining needs records of at least 2 categories, found {sorted(categories)}; "
                             "map a category field (path.jsonl#...,category=FIELD) or pass --gate-pretrain-steps 0")
     optimizer = torch.optim.AdamW(trainable_groups(lm, config, extra_params), weight_decay=0.0)
-    history = {"train_loss": [], "validation": [], "gate_pretrain_loss": [], "mixed_precision": precision}
+    history = {"train_loss": [], "validation": [], "gate_pretrain_loss": []}
     step = 0
     # only a gate has weights worth a snapshot; uniform and single mixtures skip the encoding too
     records = snapshot_records if lm.mixture.needs_gate_states else []
@@ -378,8 +379,11 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         if checkpoint_dir:
             save_checkpoint(checkpoint_dir, lm, optimizer, 0, history, settings, extra_params)
 
+    history["mixed_precision"] = precision  # this run's; under auto a resumed run's may differ from the killed one's
     lm, optimizer = accelerator.prepare(lm, optimizer)
-    inner = accelerator.unwrap_model(lm)
+    # without accelerate's autocast wrapper on forward: the model returned scores and generates in
+    # the base's precision; training autocasts explicitly below
+    inner = accelerator.unwrap_model(lm, keep_fp32_wrapper=False)
     order = BatchOrder(len(train), config.batch_size, config.grad_accum, config.seed)
     bar = tqdm(total=config.steps, initial=step, desc="mops-recover", disable=not progress)
     started = time.perf_counter()

@@ -15,7 +15,7 @@ from mops.models import load_model
 from mops.recover_cli import checkpoint_dir_for, entry
 from mops.lower_cache import pooled_gate_inputs
 from mops.train import TrainConfig, category_targets, recover, resolve_mixed_precision, schedule_lr, trainable_groups
-from mops.data import encode_example
+from mops.data import encode_example, pad_batch
 
 
 @pytest.fixture(scope="module")
@@ -122,12 +122,20 @@ def test_auto_precision_is_bf16_only_where_the_cpu_computes_it_and_the_run_recor
     assert [resolve_mixed_precision(v, cpu) for v in ("no", "bf16")] == ["no", "bf16"]
     model, tok = load_model(tiny_dir)
     mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
-    _, history = recover(model, tok, splits, mixture, small(steps=2, mixed_precision="auto"), progress=False)
+    lm, history = recover(model, tok, splits, mixture, small(steps=2, mixed_precision="auto"), progress=False)
     _, full = recover(model, tok, splits, mixture, small(steps=2), progress=False)
     assert history["mixed_precision"] == ("bf16" if native else "no") and full["mixed_precision"] == "no"
     # before the first step both are float32 (gate pretraining and the lower layers never autocast)
     assert history["validation"][0] == full["validation"][0]
     assert (history["train_loss"][0] != full["train_loss"][0]) == native
+    # the model handed back runs in float32: accelerate's autocast wrapper is off its forward
+    # (with it on, a plain call would equal a call under bf16 autocast)
+    b = pad_batch([encode_example(tok, r, 48) for r in splits["test"][:2]], tok.pad_token_id, side="right")
+    args = (b["input_ids"], b["attention_mask"], b["gate_mask"], b["labels"])
+    with torch.no_grad():
+        plain = lm(*args, return_logits=False).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not torch.equal(lm(*args, return_logits=False).loss, plain)
 
 
 def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, splits):

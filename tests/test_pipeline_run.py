@@ -156,7 +156,9 @@ def test_changing_one_recovery_option_reruns_exactly_the_dependent_stages(refere
     path, out = reference
     work = tmp_path / "changed"
     shutil.copytree(out, work / "out")
-    recipe = Path(path).read_text().replace(str(out), str(work / "out")).replace("lr: 0.1", "lr: 0.2")
+    # the option changed: bfloat16 autocast for that one method
+    recipe = Path(path).read_text().replace(str(out), str(work / "out")).replace(
+        "lr: 0.1", "lr: 0.1\n      mixed_precision: bf16")
     (work / "recipe.yaml").write_text(recipe)
     before = stage_folders(work / "out")
     assert entry([str(work / "recipe.yaml"), "--dry-run"]) == 0
@@ -172,6 +174,9 @@ def test_changing_one_recovery_option_reruns_exactly_the_dependent_stages(refere
     for label in ("dense", "magnitude-2of4", "magnitude-2of4/lora"):
         assert rows[label]["response"] == old[label]["response"]
     assert rows["magnitude-2of4/mops"]["stage_key"] != old["magnitude-2of4/mops"]["stage_key"]
+    assert (rows["magnitude-2of4/mops"]["mixed_precision"], old["magnitude-2of4/mops"]["mixed_precision"]) == ("bf16", "no")
+    assert "- Trained under mixed-precision autocast: magnitude-2of4/mops (bf16);" in (work / "out" / "report.md").read_text()
+    assert "mixed-precision autocast" not in (out / "report.md").read_text()
 
     # the retrained stage's curves, read back with TensorBoard's own reader
     runs_dir = list((work / "out" / "trackers" / "tensorboard").iterdir())

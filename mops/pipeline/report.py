@@ -49,7 +49,7 @@ def rows(job, stages) -> list[dict]:
             out["recovered_share"] = recovered_share(evals["dense"]["response"]["ppl"],
                                                      evals[setting]["response"]["ppl"], e["response"]["ppl"])
             out |= {"trainable_params": r["trainable_params"], "train_seconds": r["train_seconds"],
-                    "resumed_from_step": r["resumed_from_step"]}
+                    "resumed_from_step": r["resumed_from_step"], "mixed_precision": r.get("mixed_precision", "no")}
         return out
 
     table = [row("dense", "dense")]
@@ -101,6 +101,10 @@ def notes(job, table: list[dict]) -> list[str]:
         out += stderr_summary(table)
     if recipe.recover and any(m.name == "none" for m in recipe.recover.methods):
         out.append("Method none (the pruned model as is) is each pruned row.")
+    lowered = sorted({f"{r['label']} ({r['mixed_precision']})" for r in table if r.get("mixed_precision", "no") != "no"})
+    if lowered:
+        out.append(f"Trained under mixed-precision autocast: {', '.join(lowered)}; the frozen lower layers and every "
+                   "score in float32.")
     if any(r.get("resumed_from_step") is not None for r in table):
         out.append("train s of a resumed stage counts the run that finished it, not the killed ones.")
     return out
