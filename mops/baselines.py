@@ -90,6 +90,10 @@ def parse_method(spec: str) -> MethodSpec:
             expected = "a number" if "float" in str(kind) else "a whole number"
             raise UserError(f"method {spec!r}: {key}={value!r} is not {expected}") from None
         (mixture if key in MIXTURE_KEYS else training)[key] = parsed
+    try:  # a bad training value (mixed_precision=fp8, steps=0) is refused now, not after pruning and scoring
+        TrainConfig(**training).validate()
+    except UserError as e:
+        raise UserError(f"method {spec!r}: {e}") from None
     return MethodSpec(name, mixture, training, spec)
 
 

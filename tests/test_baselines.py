@@ -72,7 +72,9 @@ def test_method_overrides_reach_the_mixture_and_the_training_and_bad_ones_are_re
     assert spec.mixture == {"top_k": 1, "combine": "interpolate", "gate_hidden": 0}
     assert spec.training == {"lr": 1.0, "warm_steps": 5, "mixed_precision": "bf16"}
     for bad, message in [("mops:top_k", "not key=value"), ("mops:colour=red", "not key=value"),
-                         ("mops:top_k=one", "top_k='one' is not a whole number"), ("lora:top_k=1", "lora has no mixture")]:
+                         ("mops:top_k=one", "top_k='one' is not a whole number"), ("lora:top_k=1", "lora has no mixture"),
+                         ("mops:mixed_precision=fp8", "mixed-precision 'fp8': expected one of no, bf16, fp16, auto"),
+                         ("prompt:lr_schedule=linear", "lr-schedule 'linear': expected one of constant, cosine")]:
         with pytest.raises(UserError, match=message):
             parse_method(bad)
 
@@ -209,6 +211,7 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
 
 
 @pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"], ["--methods", "mops:top_k=x"],
+                                  ["--methods", "mops:mixed_precision=fp8"],
                                   ["--test-examples", "0"]])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
