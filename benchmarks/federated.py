@@ -266,6 +266,8 @@ def federated_cell(history: dict, command: str, wall: float | None, local_steps:
             "missing": [m["client"] for r in history["rounds"] for m in r["missing"]],
             "communication": communication(history), "cost": federated_cost(history, client_steps),
             "wall_seconds": wall, "partition_counts": history["partition_counts"],
+            # every client of every round trained under bf16 autocast (runs before it existed: float32)
+            "bf16": all(r.get("bf16_clients") == r["clients"] for r in history["rounds"]),
             "resumed_after": history.get("resumed_after", [])}
 
 
@@ -333,7 +335,8 @@ def run_centralized(args, base: Path, seed: int, method: Method) -> dict:
                          gate_pretrain_examples=args.gate_pretrain_examples, eval_every=steps, checkpoint_every=50,
                          seed=seed, **{k: v for k, v in (("lr", args.lr), ("gate_lr", args.gate_lr)) if v is not None})
     config = replace(config, **spec.training)
-    checkpoint = Path(args.runs_dir) / args.name / "centralized" / f"{slug(str(base.name))}-seed{seed}"
+    variant = "" if method.label == "mops" else f"-{slug(method.label)}"  # plain mops: the path runs already have
+    checkpoint = Path(args.runs_dir) / args.name / "centralized" / f"{slug(str(base.name))}{variant}-seed{seed}"
     resume = (checkpoint / "trainer_state.json").is_file()
     cpu_at = {}
 
@@ -350,7 +353,8 @@ def run_centralized(args, base: Path, seed: int, method: Method) -> dict:
     result = response_perplexity(lm, tok, scored, progress=False)
     return {"kind": "centralized", "command": f"recover() on the union of the clients' {len(union)} examples, "
             f"{steps} steps x {args.batch_size}, {config.max_len} tokens, seed {seed}, 1 thread",
-            "method": method.spec, "ppl": result["ppl"], "per_example": result["per_example"],
+            "method": method.spec, "mixed_precision": history["mixed_precision"], "ppl": result["ppl"],
+            "per_example": result["per_example"],
             "per_category": result["per_category"], "steps": steps, "resumed": resume,
             "cost": {"step_cpu": step_cpu, "run_cpu_per_step": None if resume else run_cpu / steps,
                      "train_seconds": history["train_seconds_this_run"]},
@@ -401,8 +405,15 @@ def todo(args) -> list[tuple[str, str, Method | None, int | None]]:
                 for m in (methods if partition == "skew" else iid):
                     out.append((setting, partition, m, seed))
             if args.centralized and "skew" in args.partitions:
-                out.append((setting, "centralized", parse_label("mops"), seed))
+                out += [(setting, "centralized", parse_label(label), seed) for label in centralized_labels(methods)]
     return out
+
+
+def centralized_labels(methods: list[Method]) -> list[str]:
+    """Centralized MoPs in float32, and in each other precision a federated method trains in
+    (``mops:mixed_precision=bf16``), so every federated step has a like-for-like reference."""
+    precisions = {parse_method(m.spec).training.get("mixed_precision", "no") for m in methods}
+    return ["mops"] + [f"mops:mixed_precision={p}" for p in sorted(precisions - {"no"})]
 
 
 def main(argv=None) -> None:
@@ -716,17 +727,23 @@ def _cost(results, settings, labels) -> list[str]:
     lines = ["", "## What a federated step costs", "",
              "CPU seconds (every process of the simulation: the server, Ray, each client process; until the "
              "last round ended, final scoring apart) per client step, against a step of centralized MoPs on one "
-             f"thread with the same batch (measured in the same study). Target: at most {STEP_COST_TARGET}x.", "",
+             f"thread with the same batch and precision (measured in the same study: a bf16 run against "
+             f"`mops:mixed_precision=bf16`). Target: at most {STEP_COST_TARGET}x.", "",
              "| setting | partition | method | seed | client steps | CPU s per client step | of which training | "
              "centralized step CPU s | ratio | wall s |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for s in settings:
-        central = seed_runs(runs, s, "centralized", "mops")
-        step = statistics.mean(c["cost"]["step_cpu"] for c in central) if central else None
+        # each federated run against the centralized steps of its own precision
+        central = {}
+        for key, c in runs.items():
+            if key.startswith(f"{s}/centralized/"):
+                central.setdefault(c.get("mixed_precision", "no"), []).append(c["cost"]["step_cpu"])
         for part in ("skew", "iid"):
             for m in labels:
                 for c in seed_runs(runs, s, part, m):
                     k = c["cost"]
+                    steps = central.get("bf16" if c.get("bf16") else "no")
+                    step = statistics.mean(steps) if steps else None
                     ratio = f"{k['cpu_per_client_step'] / step:.2f}x" if step else ""
                     seed = f"{c['seed']} (resumed: its last process only)" if c.get("resumed_after") else c["seed"]
                     lines.append(f"| {s} | {part} | {m} | {seed} | {k['client_steps']} | "

@@ -120,6 +120,13 @@ def resolve_mixed_precision(value: str, device: torch.device) -> str:
     return "bf16" if native else "no"
 
 
+def autocast(precision: str, device: torch.device):
+    """The training forward's autocast for a resolved precision: bfloat16 for ``bf16``,
+    nothing for ``no``. (``recover`` uses accelerate's, which also scales fp16 losses; a
+    federated client, which has no accelerator, uses this one and takes bf16 only.)"""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
 def category_targets(records: list[InstructionRecord], n_experts: int) -> list[int]:
     """Each record's expert: category c (in sorted order) -> expert c mod K."""
     index = {c: i % n_experts for i, c in enumerate(sorted({r.category for r in records}))}

@@ -18,15 +18,20 @@ BENCH = str(REPO / "benchmarks" / "federated.py")
 
 def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tiny_dir, reprune):
     argv = [sys.executable, BENCH, "--model", tiny_dir, "--name", "t", "--settings", "2:4", "--methods", "mops",
-            "single", "--seeds", "0", "--partitions", "skew", "--clients", "2", "--rounds", "1", "--local-steps", "1",
+            "mops:mixed_precision=bf16", "single", "--seeds", "0", "--partitions", "skew", "--clients", "2", "--rounds", "1", "--local-steps", "1",
             "--batch-size", "2", "--max-len", "48", "--limit-per-source", "40", "--gate-pretrain-examples", "8",
             "--eval-examples", "4", "--test-examples", "12", "--prune-method", "magnitude",
             "--work-dir", str(tmp_path / "work"), "--runs-dir", str(tmp_path / "runs"), "--out-dir", str(tmp_path / "out")]
     first = subprocess.run(argv, capture_output=True, text=True)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "federated_t.json").read_text())
+    bf16 = "mops:mixed_precision=bf16"
     assert set(results["runs"]) == {"2:4/none/pruned", "2:4/skew/mops/seed0", "2:4/skew/single/seed0",
-                                    "2:4/centralized/mops/seed0"}
+                                    "2:4/centralized/mops/seed0", f"2:4/skew/{bf16}/seed0",
+                                    f"2:4/centralized/{bf16}/seed0"}
+    runs = results["runs"]
+    assert (runs["2:4/skew/mops/seed0"]["bf16"], runs[f"2:4/skew/{bf16}/seed0"]["bf16"]) == (False, True)
+    assert [runs[f"2:4/centralized/{m}/seed0"]["mixed_precision"] for m in ("mops", bf16)] == ["no", "bf16"]
     mops = results["runs"]["2:4/skew/mops/seed0"]
     assert mops["per_example"]["tokens"] == results["runs"]["2:4/centralized/mops/seed0"]["per_example"]["tokens"]
     assert mops["communication"]["up_per_client_round"] > results["runs"]["2:4/skew/single/seed0"][
@@ -37,6 +42,9 @@ def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tin
     assert re.search(r"\| 2:4 \| skew \| mops \| centralized \| seed 0: ", table)
     assert "## Communication" in table and "## Each client on its own held-out share" in table
     assert re.search(r"\| 2:4 \| skew \| mops \| 0 \| 2 \| \d+\.\d\d \|", table)  # the step-cost row
+    for label in ("mops", bf16):  # each against the centralized step of its own precision
+        step = runs[f"2:4/centralized/{label}/seed0"]["cost"]["step_cpu"]
+        assert re.search(rf"\| 2:4 \| skew \| {label} \| 0 \| 2 \| [\d.]+ \| [\d.]+ \| {step:.2f} \| [\d.]+x \|", table)
     assert (tmp_path / "out" / "federated_t.png").is_file()
     again = subprocess.run(argv, capture_output=True, text=True)
     assert again.returncode == 0

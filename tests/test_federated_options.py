@@ -82,7 +82,8 @@ def test_server_defaults_and_one_line_errors_of_the_config(federated_config):
            ({"gate_init": "server", "method": "prompt"}, "--method prompt has no gate"),
            ({"score_split": "train"}, "--score-split 'train'"),
            ({"eval_every_rounds": 0}, "--eval-every-rounds 0"),
-           ({"lora_rank": 0}, "--lora-rank 0")]
+           ({"lora_rank": 0}, "--lora-rank 0"),
+           ({"method": "mops:mixed_precision=fp16"}, "--mixed-precision fp16: federated clients train in float32 or bf16")]
     for over, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
             federated_config("unused", **over).validate()
@@ -99,7 +100,8 @@ def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
              (["--federated", "2", "--score-split", "dev"], "--score-split 'dev'"),
              (["--federated", "2", "--method", "uniform:experts=2"], "'experts=2' is not key=value"),
              (["--method", "lora"], "--method: only with --federated N"),
-             (["--federated", "2", "--method", "mops:top_k=5"], "--top-k 5")]
+             (["--federated", "2", "--method", "mops:top_k=5"], "--top-k 5"),
+             (["--federated", "2", "--mixed-precision", "fp16"], "--mixed-precision fp16")]
     for args, message in cases:
         assert entry(base + args) == 2, args
         err = capsys.readouterr().err
@@ -193,12 +195,13 @@ def stop_after_round_1(rnd, history):
 
 @pytest.fixture(scope="module")
 def fedadam_lora_run(tiny_dir, tmp_path_factory, federated_config):
-    """FedAdam on LoRA: the server stops after round 1, then resumes from its checkpoint."""
+    """FedAdam on LoRA, its clients under bf16 autocast: the server stops after round 1, then
+    resumes from its checkpoint."""
     from mops.federated import run_federated
     from mops.federated.server_app import CKPT_STATE, checkpoint_dir_for
 
     config = federated_config(tiny_dir, rounds=ROUNDS, strategy="fedadam", server_lr=0.05, beta1=0.9, beta2=0.99,
-                              tau=1e-3, method="lora:lora_lr=0.01", lora_rank=2)
+                              tau=1e-3, method="lora:lora_lr=0.01,mixed_precision=bf16", lora_rank=2)
     out = tmp_path_factory.mktemp("fedadam") / "adapter"
     with pytest.raises(StopAfterRound1):  # Flower re-raises what stopped the ServerApp
         run_federated(config, out, save_rounds=True, quiet=True, on_round=stop_after_round_1)
@@ -253,6 +256,26 @@ def test_federated_lora_sends_its_matrices_and_leaves_the_base_sparse(fedadam_lo
     again = response_perplexity(lm, tok, test, progress=False)
     assert np.allclose(again["per_example"]["nll"], history["test"]["adapter"]["per_example"]["nll"], rtol=1e-5)
     assert history["test"]["adapter"]["ppl"] != history["test"]["base"]["ppl"]
+    assert all(r["bf16_clients"] == r["clients"] for r in history["rounds"])  # each client said it trained in bf16
+
+
+def test_a_client_trains_under_bf16_autocast_and_sends_float32(tiny_dir, federated_config):
+    """``mixed_precision=bf16`` on a client: the upper layers' products in bfloat16 (the loss
+    moves a little); the tensors it sends stay float32 (the store of lower states does too:
+    tests/test_packing.py)."""
+    from mops.federated.client_app import local_train
+    from mops.federated.methods import Trainee, setup_for
+
+    plain = federated_config(tiny_dir)
+    mixed = federated_config(tiny_dir, train=plain.train | {"mixed_precision": "bf16"})
+    start = Trainee(setup_for(plain), [], plain.seed).state()
+    sent32, report32 = local_train(plain, 0, 2, start)  # round 2: no gate pretraining, the first loss is the start's
+    sent16, report16 = local_train(mixed, 0, 2, start)
+    assert (report32["bf16"], report16["bf16"]) == (0, 1)
+    assert report16["train-loss-first"] != report32["train-loss-first"]
+    assert report16["train-loss-first"] == pytest.approx(report32["train-loss-first"], rel=2e-2)
+    assert sent16.keys() == sent32.keys() and all(t.dtype == torch.float32 for t in sent16.values())
+    assert not torch.equal(sent16["experts.weight"], start["experts.weight"])
 
 
 def test_a_client_follows_the_run_s_learning_rate_schedule_across_rounds(tiny_dir, federated_config):

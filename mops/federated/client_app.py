@@ -48,7 +48,15 @@ from mops.federated.common import (
 from mops.federated.config import CONFIG_KEY, FederatedConfig
 from mops.federated.methods import Trainee, setup_for, uploaded_names
 from mops.lower_cache import pooled_gate_inputs
-from mops.train import BatchOrder, pretrain_gate, schedule_lr, trainable_groups, training_loss
+from mops.train import (
+    BatchOrder,
+    autocast,
+    pretrain_gate,
+    resolve_mixed_precision,
+    schedule_lr,
+    trainable_groups,
+    training_loss,
+)
 
 GATE_QUERY = "query.gate"  # the server asks for pooled gate inputs and labels (gate_init = "server")
 
@@ -98,6 +106,10 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
     anchor = {n: p.detach().clone() for n, p in trainee.tensors().items()} if proximal_mu > 0 else {}
     optimizer = torch.optim.AdamW(trainable_groups(lm, tc, trainee.extra_params), weight_decay=0.0)
     order = BatchOrder(len(examples), tc.batch_size, tc.grad_accum, round_seed(config.seed, partition_id, server_round))
+    # bf16 autocast, as centralized training: the upper layers' products only; the lower layers'
+    # stored states, the gate pretraining above, AdamW and the tensors sent stay float32
+    device = lm.mixture.experts.weight.device
+    precision = resolve_mixed_precision(tc.mixed_precision, device)
     losses = []
     for step in range(config.local_steps):
         optimizer.zero_grad()
@@ -105,7 +117,8 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         for micro in range(tc.grad_accum):
             batch = [examples[i] for i in order.indices(step, micro)]
             # the run's step count (rounds before this one included): warm-up and router noise follow it
-            out = training_loss(lm, batch, tc, (server_round - 1) * config.local_steps + step, micro, lower)
+            with autocast(precision, device):
+                out = training_loss(lm, batch, tc, (server_round - 1) * config.local_steps + step, micro, lower)
             loss = out.loss
             if anchor:
                 params = trainee.tensors()
@@ -120,6 +133,7 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
     watch.lap("state")
     report.update({"train-loss-first": losses[0], "train-loss": sum(losses) / len(losses),
                    "train-loss-last": losses[-1], "lr-last": optimizer.param_groups[0]["lr"], "pid": os.getpid(),
+                   "bf16": int(precision == "bf16"),  # under auto, each client's own machine decides
                    "base-loads": BASE_LOADS[0]})  # 1: the base loaded once in this process
     report.update(phase_metrics(watch))
     log.info("client %d, round %d: %d steps on %d examples, loss %.3f -> %.3f", partition_id, server_round,

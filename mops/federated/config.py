@@ -148,8 +148,9 @@ class FederatedConfig:
             raise UserError(f"--min-clients {self.min_clients}: expected 1 to {self.n_clients} (the number of clients)")
         if not self.round_timeout > 0:
             raise UserError(f"--round-timeout {self.round_timeout}: expected a positive number of seconds")
-        if self.train.get("mixed_precision", "no") != "no":
-            raise UserError("--mixed-precision: federated clients train in float32 only; drop the option")
+        if self.train_config().mixed_precision == "fp16":
+            # float16 needs a loss scaler that would have to live across rounds on every client
+            raise UserError("--mixed-precision fp16: federated clients train in float32 or bf16 (no, bf16, auto)")
         if self.test_examples < 0:
             raise UserError(f"--test-examples {self.test_examples}: expected 0 or more")
 

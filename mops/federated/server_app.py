@@ -249,6 +249,7 @@ class FederatedServer:
                  "missing": missing,
                  "train_loss": float(metrics["train-loss"]) if metrics and "train-loss" in metrics else None,
                  "client_seconds": {p: t["total"]["wall"] for p, t in client_timing.items()},
+                 "bf16_clients": sorted(int(p) for p, r in replies.items() if int(r.content["metrics"].get("bf16", 0))),
                  "bytes_down": down,
                  "bytes_up": {p: tensor_bytes(r.content) for p, r in replies.items()},
                  "timing": {"clients": client_timing, "exchange": exchange, "aggregate": aggregate}}
