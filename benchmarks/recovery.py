@@ -258,13 +258,26 @@ def seed_runs(cells: dict, setting: str, spec: str) -> list[dict]:
     return [c for k, c in sorted(cells.items()) if k == prefix or re.fullmatch(re.escape(prefix) + r"/seed\d+", k)]
 
 
-def summary(cells: dict, setting: str, spec: str) -> dict | None:
-    runs = seed_runs(cells, setting, spec)
+def summary(cells: dict, setting: str, spec: str, seeds: set | None = None) -> dict | None:
+    """One method's cells at one setting, each example's NLL averaged over its seeds (or over
+    ``seeds`` alone)."""
+    runs = [r for r in seed_runs(cells, setting, spec) if seeds is None or r.get("seed") in seeds]
     if not runs:
         return None
     per_example = mean_over_seeds([r["per_example"] for r in runs])
     return {"ppl": perplexity(per_example), "per_example": per_example, "seeds": [r.get("seed") for r in runs],
             "params": runs[0]["trainable_params"], "runs": runs}
+
+
+def paired(cells: dict, setting: str, a: str, b: str) -> tuple[dict, dict] | None:
+    """Two methods' summaries over the training seeds both ran (``none``, unseeded, pairs with
+    any): averaging one over a seed the other never ran would credit it with that seed's luck."""
+    seeds = [{r.get("seed") for r in seed_runs(cells, setting, m)} for m in (a, b)]
+    common = None if None in seeds[0] | seeds[1] else seeds[0] & seeds[1]
+    ours, theirs = summary(cells, setting, a, common), summary(cells, setting, b, common)
+    if not (ours and theirs) or ours["per_example"]["tokens"] != theirs["per_example"]["tokens"]:
+        return None
+    return ours, theirs
 
 
 def _settings_and_methods(cells: dict):
@@ -300,13 +313,13 @@ def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
             candidates = {m: c for m, c in candidates.items() if c}
             if not candidates:
                 continue
-            spec_of_best = min(candidates, key=lambda m: candidates[m]["ppl"])
-            best = candidates[spec_of_best] | {"spec": spec_of_best}
-            if best["per_example"]["tokens"] != ours["per_example"]["tokens"]:
+            best = min(candidates, key=lambda m: candidates[m]["ppl"])
+            pair = paired(cells, setting, spec, best)
+            if not pair:
                 continue
-            result = paired_bootstrap(ours["per_example"], best["per_example"])
-            out.append({"mops": spec, "baseline": best["spec"], "kind": kind, **result, "verdict": verdict(result),
-                        "per_seed": per_seed(ours["runs"], best["runs"])})
+            result = paired_bootstrap(pair[0]["per_example"], pair[1]["per_example"])
+            out.append({"mops": spec, "baseline": best, "kind": kind, **result, "verdict": verdict(result),
+                        "seeds": pair[0]["seeds"], "per_seed": per_seed(pair[0]["runs"], pair[1]["runs"])})
     return out
 
 
@@ -321,15 +334,15 @@ def extends(spec: str, methods: list[str]) -> list[str]:
 
 
 def variant_comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
-    """Every variant against each variant it extends (:func:`extends`), seeds averaged."""
+    """Every variant against each variant it extends (:func:`extends`), over the seeds both ran."""
     out = []
     for spec in methods:
-        ours = summary(cells, setting, spec)
-        for base in extends(spec, methods) if ours else []:
-            theirs = summary(cells, setting, base)
-            if theirs and theirs["per_example"]["tokens"] == ours["per_example"]["tokens"]:
-                result = paired_bootstrap(ours["per_example"], theirs["per_example"])
-                out.append({"variant": spec, "extends": base, **result, "verdict": verdict(result)})
+        for base in extends(spec, methods):
+            pair = paired(cells, setting, spec, base)
+            if pair:
+                result = paired_bootstrap(pair[0]["per_example"], pair[1]["per_example"])
+                out.append({"variant": spec, "extends": base, **result, "verdict": verdict(result),
+                            "seeds": pair[0]["seeds"]})
     return out
 
 
@@ -353,7 +366,7 @@ def by_source(results: dict, setting: str, compared: list[dict]) -> list[dict]:
         return []
     cells, out = results["cells"], []
     for c in compared:
-        ours, theirs = summary(cells, setting, c["mops"]), summary(cells, setting, c["baseline"])
+        ours, theirs = paired(cells, setting, c["mops"], c["baseline"])
         for source in sorted(set(sources)):
             idx = [i for i, s in enumerate(sources) if s == source]
             mine, other = (_examples(r["per_example"], idx) for r in (ours, theirs))
@@ -361,6 +374,10 @@ def by_source(results: dict, setting: str, compared: list[dict]) -> list[dict]:
             out.append({"mops": c["mops"], "baseline": c["baseline"], "source": source, "examples": len(idx),
                         "tokens": sum(mine["tokens"]), **result, "verdict": verdict(result)})
     return out
+
+
+def seed_list(seeds: list) -> str:
+    return ", ".join(str(s) for s in seeds if s is not None)
 
 
 def _examples(per_example: dict, idx: list[int]) -> dict:
@@ -395,12 +412,22 @@ def markdown(results: dict, stem: str) -> str:
     ]
     for s in settings:
         pruned = summary(cells, s, "none")
+        got = {m: summary(cells, s, m) for m in methods}
+        # where the methods of a row ran different seeds, each cell says which it averages
+        mixed = len({tuple(g["seeds"]) for g in got.values() if g and g["seeds"] != [None]}) > 1
         row = []
         for m in methods:
-            got = summary(cells, s, m)
-            value = recovered_share(dense_ppl, pruned["ppl"], got["ppl"]) if got and pruned and dense else None
-            share = "" if value is None else f" ({100 * value:.0f}%)"
-            row.append(f"{got['ppl']:.2f}{share}" if got else "")
+            g = got[m]
+            if not g:
+                row.append("")
+                continue
+            notes = []
+            value = recovered_share(dense_ppl, pruned["ppl"], g["ppl"]) if pruned and dense else None
+            if value is not None:
+                notes.append(f"{100 * value:.0f}%")
+            if mixed and g["seeds"] != [None]:
+                notes.append(f"seed{'s' * (len(g['seeds']) > 1)} {seed_list(g['seeds'])}")
+            row.append(f"{g['ppl']:.2f}" + (f" ({'; '.join(notes)})" if notes else ""))
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     lines += ["", "## MoPs against each baseline",
               "",
@@ -408,25 +435,27 @@ def markdown(results: dict, stem: str) -> str:
               "(2,000 resamples, the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
               "kind is represented by its best variant in the file; `lora` (rank 8) has about 100x the mixture's "
               "parameters and is there for reference, not as an equal budget. With several seeds, the last column is the same "
-              "comparison at each seed alone (the interval resamples examples, not training runs).",
+              "comparison at each seed alone (the interval resamples examples, not training runs). Two methods "
+              "are compared over the training seeds both ran.",
               "",
-              "| setting | MoPs | baseline | MoPs vs baseline [95% interval] | verdict | each seed |",
-              "| --- | --- | --- | ---: | --- | --- |"]
+              "| setting | MoPs | baseline | seeds | MoPs vs baseline [95% interval] | verdict | each seed |",
+              "| --- | --- | --- | --- | ---: | --- | --- |"]
     compared = {s: comparisons(cells, s, methods) for s in settings}
     for s in settings:
         for c in compared[s]:
             seeds = "; ".join(f"seed {k}: {format_delta(r)} {verdict(r)}" for k, r in c["per_seed"].items())
-            lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {format_delta(c)} | {c['verdict']} | {seeds} |")
+            lines.append(f"| {s} | {c['mops']} | {c['baseline']} | {seed_list(c['seeds'])} | {format_delta(c)} | "
+                         f"{c['verdict']} | {seeds} |")
     nested = [{**x, "setting": s} for s in settings for x in variant_comparisons(cells, s, methods)]
     if nested:
         lines += ["", "## Variants against the variants they add options to", "",
                   "Each variant against every variant with a subset of its overrides (the same values), so each "
                   "added option is judged on its own: ppl_variant / ppl_other - 1, paired bootstrap 95% interval as "
-                  "above.", "",
-                  "| setting | variant | against | variant vs it [95% interval] | verdict |",
-                  "| --- | --- | --- | ---: | --- |"]
-        lines += [f"| {r['setting']} | {r['variant']} | {r['extends']} | {format_delta(r)} | {r['verdict']} |"
-                  for r in nested]
+                  "above, over the training seeds both ran.", "",
+                  "| setting | variant | against | seeds | variant vs it [95% interval] | verdict |",
+                  "| --- | --- | --- | --- | ---: | --- |"]
+        lines += [f"| {r['setting']} | {r['variant']} | {r['extends']} | {seed_list(r['seeds'])} | {format_delta(r)} | "
+                  f"{r['verdict']} |" for r in nested]
     rows = [r for s in settings for r in ({**x, "setting": s} for x in by_source(results, s, compared[s]))]
     if rows:
         lines += ["", "## MoPs against each baseline, by data source", "",

@@ -129,7 +129,7 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert mops["per_example"]["tokens"] == results["cells"]["2:4/none"]["per_example"]["tokens"]  # same test set
     assert (tmp_path / "out" / "recovery_t_gates" / "2of4_mops_seed0.png").is_file()
     table = (tmp_path / "out" / "recovery_t.md").read_text()
-    assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| [+-]\d+\.\d% \[", table)
+    assert "| 2:4 |" in table and re.search(r"\| 2:4 \| mops \| prompt \| 0, 1 \| [+-]\d+\.\d% \[", table)
     # with two seeds, the comparison is also given at each seed alone
     assert re.search(r"\| 2:4 \| mops \| prompt \| .* \| seed 0: [+-]\d+\.\d% \[[^]]*\] \w+; seed 1: [+-]\d+\.\d% \[", table)
     assert len(results["test_sources"]) == mops["test_examples"]  # each example's source, in per_example's order
@@ -237,3 +237,22 @@ def test_a_recovery_variant_is_compared_with_each_variant_whose_overrides_it_kee
     rows = recovery.variant_comparisons(cells, "3:4", ["mops", "mops:combine=attention"])
     assert [(r["variant"], r["extends"]) for r in rows] == [("mops:combine=attention", "mops")]
     assert abs(rows[0]["delta"] - (math.exp(-0.5) - 1)) < 1e-12 and rows[0]["verdict"] == "lower"
+
+
+def test_two_methods_are_compared_over_the_seeds_both_ran(load_benchmark):
+    """A variant run at seed 0 only, against a method run at seeds 0 and 1, is compared with
+    seed 0 alone (averaging in seed 1 would credit the method with that seed's luck); the
+    unseeded ``none`` pairs with any seeds."""
+    recovery = load_benchmark("recovery")
+    tokens = [5, 7]
+    cell = lambda method, seed, nll: {"setting": "3:4", "method": method, "seed": seed,  # noqa: E731
+                                      "trainable_params": 1, "per_example": {"nll": nll, "tokens": tokens}}
+    cells = {"3:4/none": cell("none", None, [9.0, 9.0]),
+             "3:4/mops/seed0": cell("mops", 0, [5.0, 7.0]),
+             "3:4/mops/seed1": cell("mops", 1, [1.0, 1.0]),  # a lucky seed the variant never ran
+             "3:4/mops:warm_steps=5/seed0": cell("mops:warm_steps=5", 0, [5.0, 7.0])}
+    rows = recovery.variant_comparisons(cells, "3:4", ["mops", "mops:warm_steps=5"])
+    assert [(r["seeds"], r["delta"], r["verdict"]) for r in rows] == [([0], 0.0, "tie")]
+    ours, base = recovery.paired(cells, "3:4", "mops", "none")
+    assert ours["seeds"] == [0, 1] and base["seeds"] == [None]
+    assert recovery.paired(cells, "3:4", "mops:warm_steps=5", "mops:warm_steps=9") is None  # nothing to pair
