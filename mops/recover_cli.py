@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"save a resumable checkpoint every N steps, beside --out (default: {d.checkpoint_every})")
     t.add_argument("--mixed-precision", default="no",
-                   help=f"{', '.join(MIXED_PRECISION)} (default: no; auto: bf16 where the device computes it natively)")
+                   help=f"{', '.join(MIXED_PRECISION)} (default: no; auto: bf16 where the device computes it natively; "
+                   "with --federated, no, bf16 or auto, decided on each client)")
     t.add_argument("--seed", type=int, default=0, help="seed for splits, initialisation and batch order (default: 0)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     p.add_argument("--out", required=True, help="adapter folder to write")
