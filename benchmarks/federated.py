@@ -266,9 +266,17 @@ def federated_cell(history: dict, command: str, wall: float | None, local_steps:
             "missing": [m["client"] for r in history["rounds"] for m in r["missing"]],
             "communication": communication(history), "cost": federated_cost(history, client_steps),
             "wall_seconds": wall, "partition_counts": history["partition_counts"],
-            # every client of every round trained under bf16 autocast (runs before it existed: float32)
-            "bf16": all(r.get("bf16_clients") == r["clients"] for r in history["rounds"]),
+            "precision": client_precision(history),
             "resumed_after": history.get("resumed_after", [])}
+
+
+def client_precision(history: dict) -> str:
+    """``bf16`` if every client of every round trained under bf16 autocast, ``no`` if none did
+    (runs from before the option: float32), else ``mixed`` (``auto`` on unlike machines)."""
+    used = {c in r.get("bf16_clients", []) for r in history["rounds"] for c in r["clients"]}
+    if used == {True}:
+        return "bf16"
+    return "mixed" if True in used else "no"
 
 
 def communication(history: dict) -> dict:
@@ -409,11 +417,16 @@ def todo(args) -> list[tuple[str, str, Method | None, int | None]]:
     return out
 
 
+def centralized_label(label: str) -> str:
+    """The centralized MoPs run a federated run is held to (its quality and its step): plain
+    ``mops`` in the federated run's precision (``mops:mixed_precision=bf16`` for a bf16 run)."""
+    precision = parse_method(parse_label(label).spec).training.get("mixed_precision", "no")
+    return "mops" if precision == "no" else f"mops:mixed_precision={precision}"
+
+
 def centralized_labels(methods: list[Method]) -> list[str]:
-    """Centralized MoPs in float32, and in each other precision a federated method trains in
-    (``mops:mixed_precision=bf16``), so every federated step has a like-for-like reference."""
-    precisions = {parse_method(m.spec).training.get("mixed_precision", "no") for m in methods}
-    return ["mops"] + [f"mops:mixed_precision={p}" for p in sorted(precisions - {"no"})]
+    """Centralized MoPs in float32, and in each other precision a federated method trains in."""
+    return ["mops"] + sorted({centralized_label(m.label) for m in methods} - {"mops"})
 
 
 def main(argv=None) -> None:
@@ -599,8 +612,9 @@ def markdown(results: dict, stem: str) -> str:
         for part in ("skew", "iid"):
             for ours in mops_labels:
                 mine = seed_runs(runs, s, part, ours)
+                central = centralized_label(ours)
                 for base in like_for_like(ours, labels) + ["centralized"]:
-                    other = seed_runs(runs, s, "centralized", "mops") if base == "centralized" else \
+                    other = seed_runs(runs, s, "centralized", central) if base == "centralized" else \
                         seed_runs(runs, s, part, base)
                     if base == "centralized" and part != "skew":
                         continue
@@ -608,7 +622,8 @@ def markdown(results: dict, stem: str) -> str:
                     if not c:
                         continue
                     per_seed = "; ".join(f"seed {k}: {format_delta(v)}" for k, v in c["per_seed"].items())
-                    lines.append(f"| {s} | {part} | {ours} | {base} | {per_seed} | {format_delta(c['mean'])} | "
+                    name = f"centralized {central}" if base == "centralized" and central != "mops" else base
+                    lines.append(f"| {s} | {part} | {ours} | {name} | {per_seed} | {format_delta(c['mean'])} | "
                                  f"{verdict(c['mean'])} | {_target(s, part, base, c)} |")
     lines += ["", "`centralized`: MoPs trained in one process on the union of the clients' examples for the same "
               "total steps (rounds x local steps x clients); the row is the cost of federation (target: within "
@@ -728,7 +743,8 @@ def _cost(results, settings, labels) -> list[str]:
              "CPU seconds (every process of the simulation: the server, Ray, each client process; until the "
              "last round ended, final scoring apart) per client step, against a step of centralized MoPs on one "
              f"thread with the same batch and precision (measured in the same study: a bf16 run against "
-             f"`mops:mixed_precision=bf16`). Target: at most {STEP_COST_TARGET}x.", "",
+             f"`mops:mixed_precision=bf16`; none for a run whose clients differed). Target: at most "
+             f"{STEP_COST_TARGET}x.", "",
              "| setting | partition | method | seed | client steps | CPU s per client step | of which training | "
              "centralized step CPU s | ratio | wall s |",
              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -742,7 +758,8 @@ def _cost(results, settings, labels) -> list[str]:
             for m in labels:
                 for c in seed_runs(runs, s, part, m):
                     k = c["cost"]
-                    steps = central.get("bf16" if c.get("bf16") else "no")
+                    # a run whose clients differed in precision (auto on unlike machines) has no like
+                    steps = central.get(c.get("precision", "no"))
                     step = statistics.mean(steps) if steps else None
                     ratio = f"{k['cpu_per_client_step'] / step:.2f}x" if step else ""
                     seed = f"{c['seed']} (resumed: its last process only)" if c.get("resumed_after") else c["seed"]

@@ -262,6 +262,7 @@ def summary(cells: dict, setting: str, spec: str, seeds: set | None = None) -> d
     """One method's cells at one setting, each example's NLL averaged over its seeds (or over
     ``seeds`` alone)."""
     runs = [r for r in seed_runs(cells, setting, spec) if seeds is None or r.get("seed") in seeds]
+    runs.sort(key=lambda r: -1 if r.get("seed") is None else r["seed"])  # seed 10 after seed 2
     if not runs:
         return None
     per_example = mean_over_seeds([r["per_example"] for r in runs])
@@ -309,14 +310,13 @@ def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
         if ours is None:
             continue
         for kind in ("prompt", *SAME_BUDGET, "lora"):
-            candidates = {m: summary(cells, setting, m) for m in methods if parse_method(m).name == kind}
-            candidates = {m: c for m, c in candidates.items() if c}
-            if not candidates:
+            # each variant of the kind over the seeds it shares with ours; the best of them on those
+            pairs = {m: paired(cells, setting, spec, m) for m in methods if parse_method(m).name == kind}
+            pairs = {m: pair for m, pair in pairs.items() if pair}
+            if not pairs:
                 continue
-            best = min(candidates, key=lambda m: candidates[m]["ppl"])
-            pair = paired(cells, setting, spec, best)
-            if not pair:
-                continue
+            best = min(pairs, key=lambda m: pairs[m][1]["ppl"])
+            pair = pairs[best]
             result = paired_bootstrap(pair[0]["per_example"], pair[1]["per_example"])
             out.append({"mops": spec, "baseline": best, "kind": kind, **result, "verdict": verdict(result),
                         "seeds": pair[0]["seeds"], "per_seed": per_seed(pair[0]["runs"], pair[1]["runs"])})

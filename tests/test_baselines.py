@@ -256,3 +256,11 @@ def test_two_methods_are_compared_over_the_seeds_both_ran(load_benchmark):
     ours, base = recovery.paired(cells, "3:4", "mops", "none")
     assert ours["seeds"] == [0, 1] and base["seeds"] == [None]
     assert recovery.paired(cells, "3:4", "mops:warm_steps=5", "mops:warm_steps=9") is None  # nothing to pair
+    # against a baseline kind: its best variant over the seeds it shares with ours
+    cells |= {"3:4/prompt-equal/seed0": cell("prompt-equal", 0, [6.0, 8.0]),
+              "3:4/prompt-equal/seed1": cell("prompt-equal", 1, [6.0, 8.0]),
+              "3:4/prompt-equal:lr=1.0/seed1": cell("prompt-equal", 1, [0.5, 0.5])}  # seed 1 only
+    methods = ["none", "prompt-equal", "prompt-equal:lr=1.0", "mops", "mops:warm_steps=5"]
+    rows = {r["mops"]: r for r in recovery.comparisons(cells, "3:4", methods)}
+    assert (rows["mops:warm_steps=5"]["baseline"], rows["mops:warm_steps=5"]["seeds"]) == ("prompt-equal", [0])
+    assert (rows["mops"]["baseline"], rows["mops"]["seeds"]) == ("prompt-equal:lr=1.0", [1])

@@ -30,7 +30,7 @@ def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tin
                                     "2:4/centralized/mops/seed0", f"2:4/skew/{bf16}/seed0",
                                     f"2:4/centralized/{bf16}/seed0"}
     runs = results["runs"]
-    assert (runs["2:4/skew/mops/seed0"]["bf16"], runs[f"2:4/skew/{bf16}/seed0"]["bf16"]) == (False, True)
+    assert (runs["2:4/skew/mops/seed0"]["precision"], runs[f"2:4/skew/{bf16}/seed0"]["precision"]) == ("no", "bf16")
     assert [runs[f"2:4/centralized/{m}/seed0"]["mixed_precision"] for m in ("mops", bf16)] == ["no", "bf16"]
     mops = results["runs"]["2:4/skew/mops/seed0"]
     assert mops["per_example"]["tokens"] == results["runs"]["2:4/centralized/mops/seed0"]["per_example"]["tokens"]
@@ -40,6 +40,7 @@ def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tin
     table = (tmp_path / "out" / "federated_t.md").read_text()
     assert re.search(r"\| 2:4 \| skew \| mops \| single \| seed 0: [+-]\d+\.\d% \[", table)
     assert re.search(r"\| 2:4 \| skew \| mops \| centralized \| seed 0: ", table)
+    assert re.search(rf"\| 2:4 \| skew \| {bf16} \| centralized {bf16} \| seed 0: ", table)  # its own precision
     assert "## Communication" in table and "## Each client on its own held-out share" in table
     assert re.search(r"\| 2:4 \| skew \| mops \| 0 \| 2 \| \d+\.\d\d \|", table)  # the step-cost row
     for label in ("mops", bf16):  # each against the centralized step of its own precision
@@ -112,3 +113,15 @@ def test_each_client_table_pairs_every_mops_run_with_the_single_prompt_of_its_sc
     assert all(r.split(" | ")[7] == "2.72" for r in rows[:2])  # exp(1.0): the share's own perplexity
     assert all(r.split(" | ")[8] == "3.32" for r in rows[:2])  # exp(1.2), the 10 x 10 single prompt's
     assert all(r.split(" | ")[8] == "3.00" for r in rows[2:])  # exp(1.1), the 20 x 5 one's
+
+
+def test_a_run_s_precision_is_what_every_client_said_and_picks_its_centralized_reference(load_benchmark):
+    federated = load_benchmark("federated")
+    rounds = lambda *bf16: {"rounds": [{"clients": [0, 1], "bf16_clients": b} for b in bf16]}  # noqa: E731
+    assert federated.client_precision(rounds([0, 1], [0, 1])) == "bf16"
+    assert federated.client_precision(rounds([], [])) == "no"
+    assert federated.client_precision(rounds([0, 1], [1])) == "mixed"  # auto on unlike machines
+    assert federated.client_precision({"rounds": [{"clients": [0, 1]}]}) == "no"  # a run from before the option
+    methods = [federated.parse_label(m) for m in ("mops", "single", "lora:mixed_precision=bf16@rounds=2")]
+    assert federated.centralized_labels(methods) == ["mops", "mops:mixed_precision=bf16"]
+    assert federated.centralized_label("single:mixed_precision=bf16@strategy=fedavgm") == "mops:mixed_precision=bf16"
