@@ -255,14 +255,14 @@ def cell_scores(result: dict) -> dict:
 def seed_runs(cells: dict, setting: str, spec: str) -> list[dict]:
     """The cells of one method at one setting, one per seed (``none`` has one, unseeded)."""
     prefix = f"{setting}/{spec}"
-    return [c for k, c in sorted(cells.items()) if k == prefix or re.fullmatch(re.escape(prefix) + r"/seed\d+", k)]
+    runs = [c for k, c in cells.items() if k == prefix or re.fullmatch(re.escape(prefix) + r"/seed\d+", k)]
+    return sorted(runs, key=lambda c: -1 if c.get("seed") is None else c["seed"])  # seed 10 after seed 2
 
 
 def summary(cells: dict, setting: str, spec: str, seeds: set | None = None) -> dict | None:
     """One method's cells at one setting, each example's NLL averaged over its seeds (or over
     ``seeds`` alone)."""
     runs = [r for r in seed_runs(cells, setting, spec) if seeds is None or r.get("seed") in seeds]
-    runs.sort(key=lambda r: -1 if r.get("seed") is None else r["seed"])  # seed 10 after seed 2
     if not runs:
         return None
     per_example = mean_over_seeds([r["per_example"] for r in runs])
@@ -306,9 +306,6 @@ def comparisons(cells: dict, setting: str, methods: list[str]) -> list[dict]:
     a larger adapter buys, for reference)."""
     out = []
     for spec in (m for m in methods if parse_method(m).name == "mops"):
-        ours = summary(cells, setting, spec)
-        if ours is None:
-            continue
         for kind in ("prompt", *SAME_BUDGET, "lora"):
             # each variant of the kind over the seeds it shares with ours; the best of them on those
             pairs = {m: paired(cells, setting, spec, m) for m in methods if parse_method(m).name == kind}
