@@ -40,6 +40,7 @@ import torch
 from mops.baselines import METHODS, SAME_BUDGET, Budget, parse_method, prepare, trainable_count
 from mops.cli_common import run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
+from mops.distill import TeacherTargets
 from mops.errors import UserError
 from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, recovered_share, verdict
 from mops.eval.perplexity import RESPONSE_MAX_LEN, require_same_model, response_perplexity
@@ -171,6 +172,7 @@ def main(argv=None) -> None:
         model, tok = load_model(args.model, device=args.device)
         save("dense", {"setting": "dense", "method": "dense", **cell_scores(response_perplexity(model, tok, test, progress=False)),
                        "trainable_params": 0, "seconds": time.perf_counter() - started})
+    teacher = None  # the dense model's targets, loaded when a method distills
     for setting, prune_config in prune_configs.items():
         # the pruned model's score first (every share needs it), then seed by seed: a partial
         # run has every method of its first seed
@@ -191,6 +193,8 @@ def main(argv=None) -> None:
             require_same_model(*load_model(pruned_dir, device=args.device), test, pruned_cell["per_example"],
                                pruned_dir, out_json)
         lower = LowerStates()  # one store per pruned model: its methods share the frozen layers below l
+        if teacher is None and any(s.training.get("distill") for s, _ in todo):
+            teacher = TeacherTargets(load_model(args.model, device=args.device)[0])  # one for every setting
         for spec, seed in todo:
             key = cell_key(setting, spec.spec, seed)
             with results_lock(out_json):
@@ -204,7 +208,7 @@ def main(argv=None) -> None:
                 cell.update(cell_scores(response_perplexity(model, tok, test, progress=False)), trainable_params=0,
                             positions_added=0)
             else:
-                cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower))
+                cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower, teacher))
             cell["seconds"] = time.perf_counter() - started
             save(key, cell)
     with results_lock(out_json):  # redrawn with every run's cells (and this run's test sources)
@@ -217,7 +221,8 @@ def cell_key(setting: str, spec: str, seed: int | None) -> str:
     return f"{setting}/{spec}" + ("" if seed is None else f"/seed{seed}")
 
 
-def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates) -> dict:
+def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates,
+               teacher: TeacherTargets | None = None) -> dict:
     torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
     mixture, extra, about = prepare(spec, model, budget)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
@@ -229,7 +234,7 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
     # only the train split goes in: the study scores its own held-out set, so the trainer's
     # validation passes would be time spent on numbers nobody reads
     lm, history = recover(model, tok, {"train": splits["train"]}, mixture, config, progress=False,
-                          device=args.device, snapshot_records=test, extra_params=extra, lower=lower)
+                          device=args.device, snapshot_records=test, extra_params=extra, lower=lower, teacher=teacher)
     train_seconds = time.perf_counter() - started
     return {
         **cell_scores(response_perplexity(lm, tok, test, progress=False, lower=lower)),

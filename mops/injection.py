@@ -43,7 +43,8 @@ SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 @dataclass
 class PromptedOutput:
-    logits: torch.Tensor | None  # B x T x V over the input positions (None when only the loss was asked)
+    logits: torch.Tensor | None  # B x T x V over the input positions (None when only the loss was asked;
+    # forward_examples: N x V at the response positions, when asked)
     loss: torch.Tensor | None  # mean response-token NLL
     gate_weights: torch.Tensor  # B x K (after top-k routing)
     row_nll: torch.Tensor | None = None  # B: summed response NLL of each row, for exact perplexities
@@ -231,12 +232,14 @@ class PromptedLM(nn.Module):
         return inject, gate
 
     def forward_examples(self, examples: list[EncodedExample], lower=None, gate_weights=None,
-                         gate_noise=None) -> PromptedOutput:
+                         gate_noise=None, keep_logits: bool = False) -> PromptedOutput:
         """The response loss of ``examples`` packed into one sequence (see the module doc).
 
         ``lower`` (a :class:`mops.lower_cache.LowerStates`) supplies the states below l;
         without it they are computed here. ``gate_weights`` (B x K) overrides the gate;
         ``gate_noise`` (B x K standard normal) perturbs a noisy router's logits.
+        ``keep_logits`` returns the logits at the response positions only (N x V, the
+        examples' in order), which distillation compares with the teacher's.
         """
         if lower is not None:
             states, pooled = lower.get(self, examples)
@@ -263,12 +266,12 @@ class PromptedLM(nn.Module):
         target = torch.cat([torch.tensor(e.labels[1:] + [-100]) for e in examples]).to(hidden.device)
         rows = torch.cat([torch.full((len(e.input_ids),), i) for i, e in enumerate(examples)]).to(hidden.device)
         where = target != -100
-        nll = F.cross_entropy(at_least_float32(self.base.lm_head(self.base.model.norm(hidden[where]))), target[where],
-                              reduction="none")
+        logits = at_least_float32(self.base.lm_head(self.base.model.norm(hidden[where])))
+        nll = F.cross_entropy(logits, target[where], reduction="none")
         row_nll = torch.zeros(B, dtype=nll.dtype, device=nll.device).index_add(0, rows[where], nll)
         row_tokens = torch.zeros(B, dtype=torch.long, device=nll.device).index_add(0, rows[where], torch.ones_like(rows[where]))
         loss = nll.sum() / where.sum().clamp_min(1)
-        return PromptedOutput(None, loss, gate_weights, row_nll, row_tokens, probs)
+        return PromptedOutput(logits if keep_logits else None, loss, gate_weights, row_nll, row_tokens, probs)
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids, attention_mask=None, gate_mask=None, labels=None, gate_weights=None,

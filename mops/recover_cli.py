@@ -19,6 +19,7 @@ from pathlib import Path
 from mops.adapter import read_source_prompt, save_adapter, weights_hash
 from mops.cli_common import held_out_line, run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
+from mops.distill import TeacherTargets
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.errors import UserError
 from mops.mixture import COMBINES, GATES, MixtureConfig
@@ -82,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
                    f"routes (in attention mode: one K*m prompt, then split into K experts) (default: {d.warm_steps})")
     t.add_argument("--balance", type=float, default=d.balance, help="weight of the load-balancing term "
                    f"K * sum_k f_k P_k (default: {d.balance})")
+    t.add_argument("--distill", type=float, default=d.distill, help="weight a of KL(dense || recovered) in the loss, "
+                   f"the response NLL's 1 - a; needs --teacher (default: {d.distill})")
+    t.add_argument("--teacher", help="the dense checkpoint the base was pruned from, which --distill trains toward "
+                   "(a folder, .gguf, or smollm2-135m)")
     t.add_argument("--gate-pretrain-steps", type=int, default=d.gate_pretrain_steps,
                    help=f"steps of gate pretraining on category labels, experts frozen; 0 skips it (default: {d.gate_pretrain_steps})")
     t.add_argument("--gate-pretrain-examples", type=int, default=d.gate_pretrain_examples,
@@ -132,8 +137,12 @@ def main(argv=None) -> None:
                          args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance,
-                         lora_lr=args.lora_lr, lr_schedule=args.lr_schedule)
+                         lora_lr=args.lora_lr, lr_schedule=args.lr_schedule, distill=args.distill)
     config.validate()
+    if config.distill and not args.teacher:
+        raise UserError(f"--distill {config.distill}: distillation needs the dense model: pass --teacher")
+    if args.teacher and not config.distill:
+        raise UserError("--teacher: given without --distill, it would not be used; pass --distill (e.g. 0.5)")
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")
     if args.test_examples < 0:
@@ -147,11 +156,12 @@ def main(argv=None) -> None:
     resolved = mixture.resolved(model.config.num_hidden_layers)  # bad layers or sizes fail before any work
     base_hash = weights_hash(model)
     sources = [read_source_prompt(d, base_hash, resolved, model.config.hidden_size) for d in args.source_prompt]
+    teacher = TeacherTargets(load_model(args.teacher, device=args.device)[0]) if args.teacher else None
     splits = split_records(records, args.seed)
     test = stratified_subset(splits["test"], args.test_examples, args.seed) if args.test_examples else []
     lm, history = recover(model, tokenizer, splits, mixture, config, checkpoint_dir=checkpoint_dir_for(args.out),
                           resume=args.resume, progress=not args.quiet, device=args.device, source_prompts=sources,
-                          snapshot_records=test)
+                          snapshot_records=test, teacher=teacher)
     if test:
         history["test"] = {"examples": len(test), "max_len": RESPONSE_MAX_LEN,
                            "base": response_perplexity(model, tokenizer, test, progress=not args.quiet),

@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from mops.adapter import mixture_tensors
 from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
+from mops.distill import TeacherTargets, bucket_kl
 from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
 from mops.gate_analysis import gate_snapshot
@@ -79,6 +80,7 @@ class TrainConfig:
     balance: float = 0.0  # weight of the load-balancing term
     lora_lr: float = 2e-3  # LoRA's tensors (the lora baselines): a hundred times smaller than the prompts'
     lr_schedule: str = "constant"  # or "cosine": every group's rate from its lr down to 0 over the run's steps
+    distill: float = 0.0  # weight a of KL(dense || recovered) in the loss, the NLL's 1 - a (mops.distill)
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_len", "eval_every", "checkpoint_every",
@@ -93,6 +95,8 @@ class TrainConfig:
         for name in ("lr", "gate_pretrain_lr", "lora_lr"):
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive learning rate")
+        if not 0 <= self.distill <= 1:
+            raise UserError(f"--distill {self.distill}: expected a weight from 0 to 1")
         for name in ("gate_lr", "balance"):
             if not getattr(self, name) >= 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
@@ -296,7 +300,8 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
             config: TrainConfig, checkpoint_dir=None, resume: bool = False, progress: bool = True,
             on_step: Callable[[int, dict], None] | None = None, device: str | None = None,
             source_prompts: list[torch.Tensor] = (), snapshot_records: list[InstructionRecord] = (),
-            extra_params=(), lower: LowerStates | None = None) -> tuple[PromptedLM, dict]:
+            extra_params=(), lower: LowerStates | None = None,
+            teacher: TeacherTargets | None = None) -> tuple[PromptedLM, dict]:
     """Train a mixture on ``splits['train']``; return the prompted model and the history.
 
     ``source_prompts`` (m x d each, e.g. from :func:`mops.adapter.read_source_prompt`)
@@ -306,11 +311,17 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     ``history["gate_snapshots"]`` before training, after gate pretraining, midway and at
     the end. ``extra_params`` are tensors inside the base (LoRA) that train too.
     ``lower`` keeps the frozen lower layers' states; pass one to share it between runs on
-    the same base (the recovery study does, across methods).
+    the same base (the recovery study does, across methods). ``teacher`` holds the dense
+    model's targets, which ``config.distill`` > 0 trains toward (share one between runs too).
     """
     from accelerate import Accelerator
 
     config.validate()
+    if config.distill and teacher is None:
+        raise UserError(f"--distill {config.distill}: distillation needs the dense model (--teacher)")
+    teacher = teacher if config.distill else None
+    if teacher:
+        teacher.check_vocabulary(model)
     train_records = splits["train"]
     if not train_records:
         raise UserError("no training records")
@@ -400,7 +411,7 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         for micro in range(config.grad_accum):
             examples = [train[i] for i in order.indices(step, micro)]
             with accelerator.autocast():
-                out = training_loss(inner, examples, config, step, micro, lower)
+                out = training_loss(inner, examples, config, step, micro, lower, teacher)
             accelerator.backward(out.loss / config.grad_accum)
             loss_sum += out.lm_loss / config.grad_accum
             usage.append(out.usage)
@@ -432,13 +443,13 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
 
 @dataclass
 class StepLoss:
-    loss: torch.Tensor  # what is minimised: the LM loss plus the balance term
+    loss: torch.Tensor  # what is minimised: the LM loss (mixed with distillation's) plus the balance term
     lm_loss: float  # the response NLL alone, as history["train_loss"] records it
     usage: list[float]  # the batch's mean routed weight on each expert
 
 
 def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainConfig, step: int, micro: int,
-                  lower: LowerStates | None) -> StepLoss:
+                  lower: LowerStates | None, teacher: TeacherTargets | None = None) -> StepLoss:
     """One micro-batch's loss, with the routing options of ``config`` and the mixture."""
     mixture = lm.mixture
     K, B = mixture.config.n_experts, len(examples)
@@ -448,8 +459,11 @@ def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainC
     if mixture.config.router_noise and uniform is None:  # drawn from (seed, step), so a resume draws the same
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
         noise = torch.randn(B, K, generator=gen).to(device)
-    out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise)
+    distill = config.distill if teacher is not None else 0.0
+    out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise, keep_logits=bool(distill))
     loss = out.loss
+    if distill:
+        loss = (1 - distill) * loss + distill * bucket_kl(out.logits, *teacher.get(examples, out.logits.device))
     if config.balance and out.gate_probs is not None:
         loss = loss + config.balance * balance_term(out.gate_probs, out.gate_weights)
     return StepLoss(loss, out.loss.item(), out.gate_weights.detach().float().mean(0).tolist())

@@ -83,7 +83,8 @@ def test_server_defaults_and_one_line_errors_of_the_config(federated_config):
            ({"score_split": "train"}, "--score-split 'train'"),
            ({"eval_every_rounds": 0}, "--eval-every-rounds 0"),
            ({"lora_rank": 0}, "--lora-rank 0"),
-           ({"method": "mops:mixed_precision=fp16"}, "--mixed-precision fp16: federated clients train in float32 or bf16")]
+           ({"method": "mops:mixed_precision=fp16"}, "--mixed-precision fp16: federated clients train in float32 or bf16"),
+           ({"method": "mops:distill=0.5"}, "--distill 0.5: federated clients do not distill")]
     for over, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
             federated_config("unused", **over).validate()
@@ -101,7 +102,9 @@ def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
              (["--federated", "2", "--method", "uniform:experts=2"], "'experts=2' is not key=value"),
              (["--method", "lora"], "--method: only with --federated N"),
              (["--federated", "2", "--method", "mops:top_k=5"], "--top-k 5"),
-             (["--federated", "2", "--mixed-precision", "fp16"], "--mixed-precision fp16")]
+             (["--federated", "2", "--mixed-precision", "fp16"], "--mixed-precision fp16"),
+             (["--federated", "2", "--distill", "0.5"], "--distill 0.5: federated clients do not distill"),
+             (["--federated", "2", "--distill", "0.5", "--teacher", tiny_dir], "--teacher is not supported")]
     for args, message in cases:
         assert entry(base + args) == 2, args
         err = capsys.readouterr().err

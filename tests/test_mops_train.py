@@ -166,6 +166,10 @@ BAD = [
     (["--max-len", "1"], "--max-len 1"),
     (["--prompt-len", "0"], "--prompt-len 0: nothing to train"),
     (["--device", "gpu"], "--device 'gpu'"),
+    (["--distill", "1.2", "--teacher", "x"], "--distill 1.2: expected a weight from 0 to 1"),
+    (["--distill", "0.5"], "--distill 0.5: distillation needs the dense model: pass --teacher"),
+    (["--teacher", "x"], "--teacher: given without --distill"),
+    (["--distill", "0.5", "--teacher", "/no/such/model"], "/no/such/model"),
 ]
 
 

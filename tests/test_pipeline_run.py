@@ -33,6 +33,7 @@ recover:
   methods:
     - name: mops
       lr: 0.1
+      distill: 0.5                      # toward the dense model: its command needs --teacher
     - name: lora
     - name: none
 evaluate:
@@ -194,7 +195,8 @@ def test_changing_one_recovery_option_reruns_exactly_the_dependent_stages(refere
     assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # a soft gate's weights over the experts
 
 
-def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, tmp_path, monkeypatch, capsys):
+def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, tmp_path, monkeypatch, capsys,
+                                                                      tiny_dir):
     import shlex
 
     from safetensors.torch import load_file
@@ -220,6 +222,7 @@ def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, 
     theirs = load_file(tmp_path / "repro/recover-magnitude-2of4-mops/mops_model.safetensors")
     assert all(theirs[k].equal(v) for k, v in load_file(ours / "mops_model.safetensors").items())
     assert "mops-run only" not in commands["# recover magnitude-2of4/mops"]
+    assert argv[argv.index("--distill") + 1] == "0.5" and argv[argv.index("--teacher") + 1] == tiny_dir
     assert commands["# recover magnitude-2of4/lora"].startswith("# LoRA lives inside the base")
     capsys.readouterr()
 

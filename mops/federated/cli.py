@@ -71,6 +71,8 @@ def config_from_args(args) -> FederatedConfig:
                         "be on every client); drop it")
     if args.limit_per_source is not None and args.limit_per_source < 1:
         raise UserError(f"--limit-per-source {args.limit_per_source}: expected a positive whole number")
+    if args.teacher:
+        raise UserError("--teacher is not supported with --federated (clients do not distill); drop it")
     # Every mixture and training option mops-recover has (their flags are the fields' names, --experts
     # apart), so one added there reaches the clients too; --steps is rounds x local steps here.
     mixture = MixtureConfig(n_experts=args.experts, **{f.name: getattr(args, f.name) for f in fields(MixtureConfig)

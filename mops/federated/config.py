@@ -151,6 +151,9 @@ class FederatedConfig:
         if self.train_config().mixed_precision == "fp16":
             # float16 needs a loss scaler that would have to live across rounds on every client
             raise UserError("--mixed-precision fp16: federated clients train in float32 or bf16 (no, bf16, auto)")
+        if self.train_config().distill:
+            raise UserError(f"--distill {self.train_config().distill}: federated clients do not distill (each would "
+                            "need the dense model beside the pruned one); drop it")
         if self.test_examples < 0:
             raise UserError(f"--test-examples {self.test_examples}: expected 0 or more")
 

@@ -52,7 +52,8 @@ def recover_flags() -> set[str]:
     return {flag for action in build_parser()._actions for flag in action.option_strings}
 
 
-def recover_command(stage, base) -> str:
+def recover_command(stage, base, dense) -> str:
+    """``dense``: the recipe's dense model, distillation's teacher."""
     s = stage.settings
     if s["mixture"] is None or s["method"] in ("lora", "lora-equal"):
         return "# LoRA lives inside the base; no standalone command (mops-run trains it)"
@@ -68,6 +69,8 @@ def recover_command(stage, base) -> str:
     for key, value in training.items():
         if _flag(key) in flags:
             args += [_flag(key), str(value)]
+    if training.get("distill"):
+        args += ["--teacher", str(dense)]
     args += ["--test-examples", str(s["snapshot_examples"]), "--device", s["device"], "--out", repro(stage)]
     defaults = dataclasses.asdict(TrainConfig())
     missing = [k for k in training if _flag(k) not in flags and training[k] != defaults[k]]

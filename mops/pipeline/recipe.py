@@ -80,6 +80,7 @@ TRAIN_RULES = {
     "lr_schedule": Literal[LR_SCHEDULES],
     "warm_steps": Annotated[int, Field(ge=0)],
     "balance": Annotated[float, Field(ge=0)],
+    "distill": Annotated[float, Field(ge=0, le=1)],
 }
 #: TrainConfig fields a recipe does not set per stage: the seed is the recipe's own ``seed``.
 NOT_RECIPE_KEYS = {"seed"}

@@ -22,6 +22,7 @@ def run(stage, job, tmp) -> dict:
 
     from mops.adapter import save_adapter, weights_hash
     from mops.baselines import MethodSpec, prepare, trainable_count
+    from mops.distill import TeacherTargets
     from mops.lora import lora_state
     from mops.models import load_model
     from mops.pipeline import prune_stage
@@ -36,6 +37,9 @@ def run(stage, job, tmp) -> dict:
     torch.manual_seed(recipe.seed)  # LoRA's A matrices are drawn from the global generator: same seed, same start
     mixture, extra, about = prepare(spec, model, recipe.recover.budget.budget())
     config = recipe.recover.training_config(recipe.seed, method.training_overrides())
+    # distillation's teacher is the recipe's dense model, the one the stage's base was pruned from
+    teacher = TeacherTargets(load_model(world.checkpoint, dtype=recipe.dtype, device=recipe.device)[0]) \
+        if config.distill else None
     n = recipe.recover.snapshot_examples
     snapshots = world.test_records(n) if n else []
     checkpoint = job.store.checkpoint(stage)
@@ -46,7 +50,7 @@ def run(stage, job, tmp) -> dict:
     try:
         lm, history = recover(model, tokenizer, world.splits, mixture, config, checkpoint_dir=checkpoint, resume=resume,
                               progress=not job.quiet, on_step=logger, device=recipe.device,
-                              snapshot_records=snapshots, extra_params=extra)
+                              snapshot_records=snapshots, extra_params=extra, teacher=teacher)
     finally:
         if logger:
             logger.finish()

@@ -178,7 +178,7 @@ def reproduce_lines(job, stages) -> list[tuple[str, str]]:
             out.append((f"prune {s.label}", commands.prune_command(s)))
         elif s.kind == "recover":
             base = prune_stage.checkpoint(job, s.needs["pruned"])
-            out.append((f"recover {s.label}", commands.recover_command(s, base)))
+            out.append((f"recover {s.label}", commands.recover_command(s, base, job.world.checkpoint)))
         elif s.kind == "eval":
             base = job.world.checkpoint if s.spec["model"] == "dense" else prune_stage.checkpoint(job, s.needs["pruned"])
             recovered = s.needs.get("recovered")
