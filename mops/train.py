@@ -410,8 +410,9 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
         loss_sum, usage = 0.0, []
         for micro in range(config.grad_accum):
             examples = [train[i] for i in order.indices(step, micro)]
+            targets = teacher.get(examples, device, precision) if teacher else None
             with accelerator.autocast():
-                out = training_loss(inner, examples, config, step, micro, lower, teacher)
+                out = training_loss(inner, examples, config, step, micro, lower, targets)
             accelerator.backward(out.loss / config.grad_accum)
             loss_sum += out.lm_loss / config.grad_accum
             usage.append(out.usage)
@@ -449,8 +450,9 @@ class StepLoss:
 
 
 def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainConfig, step: int, micro: int,
-                  lower: LowerStates | None, teacher: TeacherTargets | None = None) -> StepLoss:
-    """One micro-batch's loss, with the routing options of ``config`` and the mixture."""
+                  lower: LowerStates | None, targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> StepLoss:
+    """One micro-batch's loss, with the routing options of ``config`` and the mixture;
+    ``targets``: the teacher's (:meth:`mops.distill.TeacherTargets.get`) when it distills."""
     mixture = lm.mixture
     K, B = mixture.config.n_experts, len(examples)
     device = mixture.experts.weight.device
@@ -459,11 +461,11 @@ def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainC
     if mixture.config.router_noise and uniform is None:  # drawn from (seed, step), so a resume draws the same
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
         noise = torch.randn(B, K, generator=gen).to(device)
-    distill = config.distill if teacher is not None else 0.0
+    distill = config.distill if targets is not None else 0.0
     out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise, keep_logits=bool(distill))
     loss = out.loss
     if distill:
-        loss = (1 - distill) * loss + distill * bucket_kl(out.logits, *teacher.get(examples, out.logits.device))
+        loss = (1 - distill) * loss + distill * bucket_kl(out.logits, *targets)
     if config.balance and out.gate_probs is not None:
         loss = loss + config.balance * balance_term(out.gate_probs, out.gate_weights)
     return StepLoss(loss, out.loss.item(), out.gate_weights.detach().float().mean(0).tolist())

@@ -79,6 +79,9 @@ def test_teacher_targets_line_up_with_the_students_response_positions(tiny):
     assert not torch.equal(out.logits.roll(1, 0).topk(3).indices, ids[:, :3])  # (which a misalignment breaks)
     teacher.get(examples[:2], "cpu")
     assert teacher.computed == 4  # each example ran through the teacher once
+    half_top, half_ids = teacher.get(examples[:1], "cpu", "bf16")  # under bf16 autocast: kept apart
+    assert teacher.computed == 5 and not torch.equal(half_top, top[: len(half_top)])
+    assert torch.allclose(half_top.exp(), top[: len(half_top)].exp(), atol=0.02)
 
 
 def test_distillation_moves_the_recovered_model_toward_the_dense_one(tiny_dir, tokenizer, tmp_path):

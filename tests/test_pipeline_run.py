@@ -221,6 +221,7 @@ def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, 
     ours = next(p for p in out.glob("stages/recover/*/adapter") if '"method": "mops"' in (p / "mops_config.json").read_text())
     theirs = load_file(tmp_path / "repro/recover-magnitude-2of4-mops/mops_model.safetensors")
     assert all(theirs[k].equal(v) for k, v in load_file(ours / "mops_model.safetensors").items())
+    assert "- Trained toward the dense model too (distillation, the KL's weight in the loss): magnitude-2of4/mops (0.5)." in md
     assert "mops-run only" not in commands["# recover magnitude-2of4/mops"]
     assert argv[argv.index("--distill") + 1] == "0.5" and argv[argv.index("--teacher") + 1] == tiny_dir
     assert commands["# recover magnitude-2of4/lora"].startswith("# LoRA lives inside the base")

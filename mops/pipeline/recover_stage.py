@@ -67,5 +67,6 @@ def run(stage, job, tmp) -> dict:
     return {"method": method.name, "trainable_params": trainable_count(lm, extra), "train_seconds": seconds,
             "resumed_from_step": resumed_from, "steps": config.steps, "lora": about.get("lora"),
             "mixed_precision": history["mixed_precision"],
+            "distill": config.distill,
             "validation": [{"step": v["step"], "ppl": v["ppl"]} for v in val],
             "gate_heatmap": (tmp / ADAPTER / "gate_heatmap.png").is_file()}

@@ -49,7 +49,8 @@ def rows(job, stages) -> list[dict]:
             out["recovered_share"] = recovered_share(evals["dense"]["response"]["ppl"],
                                                      evals[setting]["response"]["ppl"], e["response"]["ppl"])
             out |= {"trainable_params": r["trainable_params"], "train_seconds": r["train_seconds"],
-                    "resumed_from_step": r["resumed_from_step"], "mixed_precision": r.get("mixed_precision", "no")}
+                    "resumed_from_step": r["resumed_from_step"], "mixed_precision": r.get("mixed_precision", "no"),
+                    "distill": r.get("distill", 0.0)}
         return out
 
     table = [row("dense", "dense")]
@@ -105,6 +106,9 @@ def notes(job, table: list[dict]) -> list[str]:
     if lowered:
         out.append(f"Trained under mixed-precision autocast: {', '.join(lowered)}; the frozen lower layers and every "
                    "score in float32.")
+    distilled = sorted({f"{r['label']} ({r['distill']:g})" for r in table if r.get("distill")})
+    if distilled:
+        out.append(f"Trained toward the dense model too (distillation, the KL's weight in the loss): {', '.join(distilled)}.")
     if any(r.get("resumed_from_step") is not None for r in table):
         out.append("train s of a resumed stage counts the run that finished it, not the killed ones.")
     return out
