@@ -15,9 +15,9 @@ the rest of the vocabulary, and the KL is taken between those (k + 1)-bucket dis
 a response position). :class:`TeacherTargets` runs the teacher once per training example
 and keeps the result (a 256-token example's targets take about 60 KB, its states a hundred
 times that), one example at a time (so a target does not depend on the batch it first came
-in; a padded batch of 4 measured slower per example on the CPU), in the training's
-precision: under bf16 autocast the teacher's products are bfloat16 too (1.5x faster on this
-CPU, and the targets are a training signal, not a score), otherwise float32.
+in; a padded batch measured slower per example on a CPU), in the training's precision:
+under bf16 autocast the teacher's products are bfloat16 too (faster, and the targets are a
+training signal, not a score), otherwise float32.
 """
 
 from __future__ import annotations
