@@ -168,7 +168,8 @@ def main(argv=None) -> None:
                            "adapter": response_perplexity(lm, tokenizer, test, progress=not args.quiet)}
     if weights_hash(model) != base_hash:  # cannot happen unless a bug trains the base; never ship that
         raise RuntimeError("the base model's weights changed during training")
-    extra = {"data": args.data, "source_prompts": args.source_prompt, "limit_per_source": args.limit_per_source, "training": asdict(config),
+    extra = {"data": args.data, "source_prompts": args.source_prompt, "limit_per_source": args.limit_per_source,
+             "training": asdict(config), "teacher": args.teacher,
              "split_sizes": {k: len(v) for k, v in splits.items()}}
     out = save_adapter(lm, args.out, base_name=args.base, base_hash=base_hash, extra=extra, history=history,
                        force=args.force)

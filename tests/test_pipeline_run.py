@@ -224,6 +224,8 @@ def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, 
     assert "- Trained toward the dense model too (distillation, the KL's weight in the loss): magnitude-2of4/mops (0.5)." in md
     assert "mops-run only" not in commands["# recover magnitude-2of4/mops"]
     assert argv[argv.index("--distill") + 1] == "0.5" and argv[argv.index("--teacher") + 1] == tiny_dir
+    saved = json.loads((tmp_path / "repro/recover-magnitude-2of4-mops/mops_config.json").read_text())
+    assert saved["teacher"] == tiny_dir and saved["training"]["distill"] == 0.5  # the adapter says what it learned from
     assert commands["# recover magnitude-2of4/lora"].startswith("# LoRA lives inside the base")
     capsys.readouterr()
 
