@@ -30,6 +30,12 @@ from mops.errors import UserError
 TOP_K = 64
 
 
+def require_teacher(distill: float, has_teacher: bool) -> None:
+    """Distillation without a dense model to distill from: one line, before any work."""
+    if distill and not has_teacher:
+        raise UserError(f"--distill {distill}: distillation needs the dense model: pass --teacher")
+
+
 class TeacherTargets:
     """Per training example: the teacher's top-k log-probabilities and token ids at each
     response position (the positions whose next token is a response token), computed once."""

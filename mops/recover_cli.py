@@ -19,7 +19,7 @@ from pathlib import Path
 from mops.adapter import read_source_prompt, save_adapter, weights_hash
 from mops.cli_common import held_out_line, run_cli, setup_logging
 from mops.data import load_records, split_records, stratified_subset
-from mops.distill import TeacherTargets
+from mops.distill import TeacherTargets, require_teacher
 from mops.eval.perplexity import RESPONSE_MAX_LEN, response_perplexity
 from mops.errors import UserError
 from mops.mixture import COMBINES, GATES, MixtureConfig
@@ -139,8 +139,7 @@ def main(argv=None) -> None:
                          mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance,
                          lora_lr=args.lora_lr, lr_schedule=args.lr_schedule, distill=args.distill)
     config.validate()
-    if config.distill and not args.teacher:
-        raise UserError(f"--distill {config.distill}: distillation needs the dense model: pass --teacher")
+    require_teacher(config.distill, bool(args.teacher))
     if args.teacher and not config.distill:
         raise UserError("--teacher: given without --distill, it would not be used; pass --distill (e.g. 0.5)")
     if args.limit_per_source is not None and args.limit_per_source < 1:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from mops.adapter import mixture_tensors
 from mops.data import EncodedExample, InstructionRecord, encode_example, pad_batch, stratified_subset
-from mops.distill import TeacherTargets, bucket_kl
+from mops.distill import TeacherTargets, bucket_kl, require_teacher
 from mops.errors import UserError
 from mops.eval.perplexity import response_perplexity
 from mops.gate_analysis import gate_snapshot
@@ -317,9 +317,8 @@ def recover(model, tokenizer, splits: dict[str, list[InstructionRecord]], mixtur
     from accelerate import Accelerator
 
     config.validate()
-    if config.distill and teacher is None:
-        raise UserError(f"--distill {config.distill}: distillation needs the dense model (--teacher)")
-    teacher = teacher if config.distill else None
+    require_teacher(config.distill, teacher is not None)
+    teacher = teacher if config.distill else None  # a study's shared teacher, for the runs that distill
     if teacher:
         teacher.check_vocabulary(model)
     train_records = splits["train"]
@@ -461,11 +460,11 @@ def training_loss(lm: PromptedLM, examples: list[EncodedExample], config: TrainC
     if mixture.config.router_noise and uniform is None:  # drawn from (seed, step), so a resume draws the same
         gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step * 1_009 + micro)
         noise = torch.randn(B, K, generator=gen).to(device)
-    distill = config.distill if targets is not None else 0.0
-    out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise, keep_logits=bool(distill))
+    out = lm.forward_examples(examples, lower=lower, gate_weights=uniform, gate_noise=noise,
+                              keep_logits=targets is not None)
     loss = out.loss
-    if distill:
-        loss = (1 - distill) * loss + distill * bucket_kl(out.logits, *targets)
+    if targets is not None:
+        loss = (1 - config.distill) * loss + config.distill * bucket_kl(out.logits, *targets)
     if config.balance and out.gate_probs is not None:
         loss = loss + config.balance * balance_term(out.gate_probs, out.gate_weights)
     return StepLoss(loss, out.loss.item(), out.gate_weights.detach().float().mean(0).tolist())
