@@ -85,6 +85,7 @@ BAD = [
      "recover.methods[0].combine: 'mix' is not one of interpolate, attention"),
     ([("steps: 2", "steps: 2\n    lr_schedule: linear")],
      "recover.training.lr_schedule: 'linear' is not one of constant, cosine"),
+    ([("- name: mops", "- {name: mops, distill: 1.5}")], "recover.methods[0].distill: 1.5 is not at most 1"),
     # unknown method
     ([("- name: mops", "- name: mopps")],
      "recover.methods[0].name: 'mopps' is not one of none, prompt, prompt-equal, uniform, attempt, lora, lora-equal, mops"),
