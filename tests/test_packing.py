@@ -1,6 +1,8 @@
 """Packed training and the lower-layer store against the padded forward they replace:
 the same loss and the same gradients, in float64 on a tiny model, for every kind of mixture."""
 
+import copy
+
 import pytest
 import torch
 
@@ -116,6 +118,19 @@ def test_the_store_is_emptied_for_another_base_or_other_layers(tiny_dir, tiny64,
     assert store.computed == 4 and not torch.allclose(before, after)
     store.get(prompted(other, n_experts=2, prompt_len=2, gate="mops", gate_layer=2, inject_layer=1), examples[:2])
     assert store.computed == 6  # other layers: computed again
+
+
+def test_a_store_asked_by_two_copies_of_one_base_in_turn_hashes_each_once_and_keeps_its_states(tiny64, examples):
+    """benchmarks/step_cost.py times a compiled copy of the base between steps of the original:
+    hashing the weights again at every switch would be timed as part of the stored step."""
+    model, _ = tiny64
+    store = LowerStates()
+    kw = dict(n_experts=2, prompt_len=2, gate="mops", gate_layer=1)
+    lm, lm_copy = prompted(model, **kw), prompted(copy.deepcopy(model), **kw)
+    for _ in range(3):
+        store.get(lm, examples[:2])
+        store.get(lm_copy, examples[:2])
+    assert store.hashed == 2 and store.computed == 2
 
 
 def test_pooled_gate_inputs_are_the_gates_own_pooling_of_its_layer(tiny64, examples):
