@@ -402,6 +402,19 @@ def protocol(args) -> dict:
                                                                                  "gate_pretrain_lr")}}
 
 
+def same_protocol(saved: dict, now: dict) -> bool:
+    """Equal once each learning rate is the one the runs trained at: ``--lr`` where given, else
+    mops-recover's default of the day. A file made before a default changed grows again when
+    the old rate is given by hand (``--lr 0.3``), and a plain rerun after the change is refused."""
+    def effective(p: dict) -> dict:
+        p = json.loads(json.dumps(p))
+        for key in ("lr", "gate_lr"):
+            default = p.get("training", {}).pop(key, None)
+            p[key] = default if p.get(key) is None else p[key]
+        return p
+    return effective(saved) == effective(now)
+
+
 def todo(args) -> list[tuple[str, str, Method | None, int | None]]:
     """(setting, partition, method, seed) in the order that gives the headline first."""
     methods = [parse_label(m) for m in args.methods]
@@ -451,7 +464,7 @@ def main(argv=None) -> None:
     if "runs" not in results:  # the file of this benchmark's first version (3 rounds x 4 steps, no intervals)
         print(f"{out_json}: made by an earlier version of this benchmark; replacing it", flush=True)
         results = {"runs": {}}
-    if results.get("protocol", protocol(args)) != protocol(args):
+    if not same_protocol(results.get("protocol", protocol(args)), protocol(args)):
         raise UserError(f"{out_json} was made with other settings; use --name for a new study or delete it")
     results.update(protocol=protocol(args), versions=library_versions())
 

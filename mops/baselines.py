@@ -35,7 +35,7 @@ METHODS = ("none", "prompt", "prompt-equal", "uniform", "attempt", "lora", "lora
 #: the baselines with the mixture's budget: the study's target is measured against each of them
 SAME_BUDGET = ("prompt-equal", "uniform", "attempt", "lora-equal")
 TRAIN_KEYS = ("lr", "gate_lr", "lora_lr", "warm_steps", "balance", "gate_pretrain_steps", "gate_pretrain_lr",
-              "gate_pretrain_examples", "steps", "lr_schedule", "mixed_precision", "distill")
+              "gate_pretrain_examples", "steps", "lr_schedule", "lr_warmup", "mixed_precision", "distill")
 MIXTURE_KEYS = tuple(f.name for f in fields(MixtureConfig) if f.name != "gate")
 
 

@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=d.lr, help=f"experts' learning rate (default: {d.lr})")
     t.add_argument("--lr-schedule", default=d.lr_schedule, help=f"{', '.join(LR_SCHEDULES)}: cosine decays every "
                    f"learning rate to 0 over the run's steps (default: {d.lr_schedule})")
+    t.add_argument("--lr-warmup", type=int, default=d.lr_warmup, help="steps over which every learning rate rises "
+                   f"linearly to its value, 1/N of it at the first (default: {d.lr_warmup})")
     t.add_argument("--lora-lr", type=float, default=d.lora_lr, help="LoRA's learning rate (with --method lora or "
                    f"lora-equal) (default: {d.lora_lr})")
     t.add_argument("--gate-lr", type=float, default=d.gate_lr, help="gate's learning rate in joint training; 0 keeps "
@@ -137,7 +139,8 @@ def main(argv=None) -> None:
                          args.gate_pretrain_lr, args.gate_pretrain_examples, max_len=args.max_len, eval_every=args.eval_every,
                          eval_examples=args.eval_examples, checkpoint_every=args.checkpoint_every, seed=args.seed,
                          mixed_precision=args.mixed_precision, warm_steps=args.warm_steps, balance=args.balance,
-                         lora_lr=args.lora_lr, lr_schedule=args.lr_schedule, distill=args.distill)
+                         lora_lr=args.lora_lr, lr_schedule=args.lr_schedule, lr_warmup=args.lr_warmup,
+                         distill=args.distill)
     config.validate()
     require_teacher(config.distill, bool(args.teacher))
     if args.teacher and not config.distill:

@@ -80,6 +80,7 @@ class TrainConfig:
     balance: float = 0.0  # weight of the load-balancing term
     lora_lr: float = 2e-3  # LoRA's tensors (the lora baselines): a hundred times smaller than the prompts'
     lr_schedule: str = "constant"  # or "cosine": every group's rate from its lr down to 0 over the run's steps
+    lr_warmup: int = 0  # steps over which every rate rises linearly to its value (then the schedule's)
     distill: float = 0.0  # weight a of KL(dense || recovered) in the loss, the NLL's 1 - a (mops.distill)
 
     def validate(self) -> None:
@@ -89,7 +90,7 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected a positive whole number")
         if self.max_len < 2:
             raise UserError(f"--max-len {self.max_len}: expected at least 2 tokens (one of prompt, one of response)")
-        for name in ("gate_pretrain_steps", "warm_steps"):
+        for name in ("gate_pretrain_steps", "warm_steps", "lr_warmup"):
             if getattr(self, name) < 0:
                 raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected 0 or more")
         for name in ("lr", "gate_pretrain_lr", "lora_lr"):
@@ -244,6 +245,8 @@ def schedule_lr(optimizer, config: TrainConfig, step: int, total_steps: int) -> 
     factor = 1.0
     if config.lr_schedule == "cosine":
         factor = 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+    if step < config.lr_warmup:  # step 0 already moves, at 1/N of the rate
+        factor *= (step + 1) / config.lr_warmup
     for group in optimizer.param_groups:
         group["lr"] = group["base_lr"] * factor
 

@@ -125,3 +125,13 @@ def test_a_run_s_precision_is_what_every_client_said_and_picks_its_centralized_r
     methods = [federated.parse_label(m) for m in ("mops", "single", "lora:mixed_precision=bf16@rounds=2")]
     assert federated.centralized_labels(methods) == ["mops", "mops:mixed_precision=bf16"]
     assert federated.centralized_label("single:mixed_precision=bf16@strategy=fedavgm") == "mops:mixed_precision=bf16"
+
+
+def test_a_file_made_before_a_default_rate_changed_grows_only_at_the_rate_it_was_made_at(load_benchmark):
+    bench = load_benchmark("federated")
+    made = {"lr": None, "gate_lr": None, "rounds": 10, "training": {"lr": 0.3, "gate_lr": 3e-3, "balance": 0.0}}
+    at = lambda lr, default: {"lr": lr, "gate_lr": None, "rounds": 10,  # noqa: E731
+                              "training": {"lr": default, "gate_lr": 3e-3, "balance": 0.0}}
+    assert bench.same_protocol(made, at(None, 0.3)) and bench.same_protocol(made, at(0.3, 1.0))
+    assert not bench.same_protocol(made, at(None, 1.0)) and not bench.same_protocol(made, at(1.0, 0.3))
+    assert made["lr"] is None and made["training"]["lr"] == 0.3  # compared, not changed

@@ -103,7 +103,7 @@ def test_the_cosine_schedule_takes_every_rate_from_its_value_down_to_zero(tiny_d
                           progress=False)
     assert history["lr"] == pytest.approx([0.2, 0.1 * (1 + math.cos(math.pi / 4)), 0.1, 0.1 * (1 - math.cos(math.pi / 4))])
     # the gate's rate follows the same curve: apply the last step's schedule to fresh groups
-    optimizer = torch.optim.AdamW(trainable_groups(lm, small(gate_lr=0.01, lr_schedule="cosine")))
+    optimizer = torch.optim.AdamW(trainable_groups(lm, small(lr=0.3, gate_lr=0.01, lr_schedule="cosine")))
     schedule_lr(optimizer, small(lr_schedule="cosine"), 2, 4)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.3 * 0.5, 0.01 * 0.5])
     model, tok = load_model(tiny_dir)
@@ -153,6 +153,18 @@ def test_pretrained_gate_routes_held_out_categories_to_their_expert(tiny_dir, sp
     assert hits > 2 / K  # chance is 1/K
 
 
+def test_a_warmup_raises_every_rate_linearly_then_hands_over_to_the_schedule(tiny_dir, splits):
+    model, tok = load_model(tiny_dir)
+    mixture = MixtureConfig(n_experts=2, prompt_len=3, gate="mops", gate_layer=1)
+    lm, history = recover(model, tok, splits, mixture, small(steps=4, lr=0.2, gate_lr=0.01, lr_warmup=2),
+                          progress=False)
+    assert history["lr"] == pytest.approx([0.1, 0.2, 0.2, 0.2])
+    optimizer = torch.optim.AdamW(trainable_groups(lm, small(lr=0.2, gate_lr=0.01)))
+    for step in range(8):  # warmup over 4 steps, under the cosine over 8: the two factors multiply
+        schedule_lr(optimizer, small(lr_schedule="cosine", lr_warmup=4), step, 8)
+        factor = min(1, (step + 1) / 4) * 0.5 * (1 + math.cos(math.pi * step / 8))
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2 * factor, 0.01 * factor])
+
 BAD = [
     (["--experts", "0"], "--experts 0"),
     (["--prompt-len", "-2"], "--prompt-len -2"),
@@ -163,6 +175,7 @@ BAD = [
     (["--lora-lr", "0"], "--lora-lr 0.0: expected a positive learning rate"),
     (["--mixed-precision", "fp8"], "--mixed-precision 'fp8'"),
     (["--lr-schedule", "linear"], "--lr-schedule 'linear': expected one of constant, cosine"),
+    (["--lr-warmup", "-1"], "--lr-warmup -1: expected 0 or more"),
     (["--max-len", "1"], "--max-len 1"),
     (["--prompt-len", "0"], "--prompt-len 0: nothing to train"),
     (["--device", "gpu"], "--device 'gpu'"),

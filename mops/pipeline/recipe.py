@@ -78,6 +78,7 @@ TRAIN_RULES = {
     "checkpoint_every": Annotated[int, Field(ge=1)],
     "mixed_precision": Literal[MIXED_PRECISION],
     "lr_schedule": Literal[LR_SCHEDULES],
+    "lr_warmup": Annotated[int, Field(ge=0)],
     "warm_steps": Annotated[int, Field(ge=0)],
     "balance": Annotated[float, Field(ge=0)],
     "distill": Annotated[float, Field(ge=0, le=1)],
