@@ -101,6 +101,8 @@ def parse_args(argv):
     p.add_argument("--prompt-len", type=int, default=None, help="m (default: mops-recover's)")
     p.add_argument("--lr", type=float, default=None, help=f"prompts' learning rate (default: mops-recover's, {t.lr})")
     p.add_argument("--gate-lr", type=float, default=None, help=f"the gate's (default: mops-recover's, {t.gate_lr})")
+    p.add_argument("--lr-warmup", type=int, default=None, help="steps of linear warmup of every rate, counted over the "
+                   f"run's rounds (default: mops-recover's, {t.lr_warmup})")
     p.add_argument("--lora-lr", type=float, default=2e-3, help="LoRA's learning rate (default: 2e-3, the study's)")
     p.add_argument("--gate-pretrain-examples", type=int, default=256,
                    help="gate-pretraining examples in all, each client its share (default: 256, as the study)")
@@ -207,7 +209,7 @@ def federated_command(args, base: Path, method: Method, partition: str, seed: in
             "--seed", str(seed), "--split-seed", str(args.split_seed), "--method", method.spec, "--no-base-score",
             "--client-cpus", str(args.client_cpus)]
     for flag, value in (("--experts", args.experts), ("--prompt-len", args.prompt_len), ("--gate-lr", args.gate_lr),
-                        ("--lr", args.lr), ("--lora-lr", args.lora_lr)):
+                        ("--lr", args.lr), ("--lr-warmup", args.lr_warmup), ("--lora-lr", args.lora_lr)):
         if value is not None:
             cmd += [flag, str(value)]
     for key, value in o.items():
@@ -341,7 +343,8 @@ def run_centralized(args, base: Path, seed: int, method: Method) -> dict:
     mixture, _, _ = prepare(spec, model, Budget(budget_mixture(args)))
     config = TrainConfig(steps=steps, batch_size=args.batch_size, max_len=args.max_len,
                          gate_pretrain_examples=args.gate_pretrain_examples, eval_every=steps, checkpoint_every=50,
-                         seed=seed, **{k: v for k, v in (("lr", args.lr), ("gate_lr", args.gate_lr)) if v is not None})
+                         seed=seed, **{k: v for k, v in (("lr", args.lr), ("gate_lr", args.gate_lr),
+                                                          ("lr_warmup", args.lr_warmup)) if v is not None})
     config = replace(config, **spec.training)
     variant = "" if method.label == "mops" else f"-{slug(method.label)}"  # plain mops: the path runs already have
     checkpoint = Path(args.runs_dir) / args.name / "centralized" / f"{slug(str(base.name))}{variant}-seed{seed}"
@@ -392,24 +395,25 @@ def run_pruned(args, base: Path) -> dict:
 def protocol(args) -> dict:
     """Everything that fixes a run's number: a results file only grows under the same values."""
     keys = ("model", "data", "limit_per_source", "split_seed", "clients", "rounds", "local_steps", "batch_size",
-            "max_len", "experts", "prompt_len", "lr", "gate_lr", "lora_lr", "gate_pretrain_examples", "eval_examples",
+            "max_len", "experts", "prompt_len", "lr", "gate_lr", "lr_warmup", "lora_lr", "gate_pretrain_examples", "eval_examples",
             "eval_every_rounds", "test_examples_resolved", "score_split", "extra", "prune_method", "calib_samples",
             "calib_seq_len")
     t = asdict(TrainConfig())
     return {k: getattr(args, k) for k in keys} | {"mops": asdict(MixtureConfig()),
-                                                 "training": {k: t[k] for k in ("lr", "gate_lr", "warm_steps", "balance",
+                                                 "training": {k: t[k] for k in ("lr", "gate_lr", "lr_warmup", "warm_steps", "balance",
                                                                                  "gate_pretrain_steps",
                                                                                  "gate_pretrain_lr")}}
 
 
 def same_protocol(saved: dict, now: dict) -> bool:
-    """Equal once each learning rate is the one the runs trained at: ``--lr`` where given, else
-    mops-recover's default of the day. A file made before a default changed grows again when
-    the old rate is given by hand (``--lr 0.3``), and a plain rerun after the change is refused."""
+    """Equal once each rate is the one the runs trained at: the flag where given, else
+    mops-recover's default of the day (a file made before ``lr_warmup`` existed trained without
+    one). A file made before a default changed grows again when the old value is given by hand
+    (``--lr 0.3 --lr-warmup 0``), and a plain rerun after the change is refused."""
     def effective(p: dict) -> dict:
         p = json.loads(json.dumps(p))
-        for key in ("lr", "gate_lr"):
-            default = p.get("training", {}).pop(key, None)
+        for key, before in (("lr", None), ("gate_lr", None), ("lr_warmup", 0)):
+            default = p.get("training", {}).pop(key, before)
             p[key] = default if p.get(key) is None else p[key]
         return p
     return effective(saved) == effective(now)

@@ -88,6 +88,8 @@ def parse_args(argv):
     p.add_argument("--max-len", type=int, default=256, help="training tokens per example")
     p.add_argument("--lr", type=float, default=t.lr, help=f"prompts' learning rate (default: {t.lr})")
     p.add_argument("--gate-lr", type=float, default=t.gate_lr, help=f"the gate's (default: {t.gate_lr})")
+    p.add_argument("--lr-warmup", type=int, default=t.lr_warmup, help=f"steps of linear warmup of every rate "
+                   f"(default: {t.lr_warmup})")
     p.add_argument("--lora-lr", type=float, default=2e-3)
     p.add_argument("--gate-pretrain-steps", type=int, default=t.gate_pretrain_steps)
     p.add_argument("--gate-pretrain-examples", type=int, default=256,
@@ -107,16 +109,20 @@ def protocol(args) -> dict:
     """Everything that fixes a cell's number: a results file only grows under the same values."""
     keys = ("model", "prune_method", "calib_samples", "seq_len", "data", "limit_per_source", "split_seed", "experts",
             "prompt_len", "gate_layer", "inject_layer", "gate_hidden", "lora_rank", "steps", "batch_size", "max_len", "lr", "gate_lr",
-            "lora_lr", "gate_pretrain_steps", "gate_pretrain_examples", "test_examples", "score_split")
+            "lr_warmup", "lora_lr", "gate_pretrain_steps", "gate_pretrain_examples", "test_examples", "score_split")
     # the defaults of the MoPs configuration are part of what "mops" means
     return {k: getattr(args, k) for k in keys} | {"test_max_len": RESPONSE_MAX_LEN, "mops": asdict(MixtureConfig()),
                                                  "training": _training_defaults()}
 
 
+#: study options added after files were made, at the value that trains as before they existed
+NEUTRAL = {"lr_warmup": 0}
+
+
 def same_protocol(saved: dict, now: dict) -> bool:
     """Equal, except that a default added to the code since (a new option of MixtureConfig or
     TrainConfig, at a value that changes nothing it did before) is not a difference."""
-    now = dict(now)
+    now = {k: v for k, v in now.items() if k in saved or k not in NEUTRAL or v != NEUTRAL[k]}
     for key in ("mops", "training"):
         now[key] = {k: v for k, v in now[key].items() if k in saved.get(key, {})}
     return saved == now
@@ -137,6 +143,8 @@ def main(argv=None) -> None:
     specs = [parse_method(m) for m in args.methods]
     if args.test_examples is not None and args.test_examples < 1:
         raise UserError(f"--test-examples {args.test_examples}: expected a positive whole number")
+    if args.lr_warmup < 0:
+        raise UserError(f"--lr-warmup {args.lr_warmup}: expected 0 or more")
     prune_configs = {s: PruneConfig(method=args.prune_method, calib_samples=args.calib_samples, seq_len=args.seq_len,
                                     seed=args.split_seed, **({"pattern": s} if ":" in s else {"sparsity": float(s)}))
                      for s in args.settings}
@@ -226,7 +234,7 @@ def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, 
     torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
     mixture, extra, about = prepare(spec, model, budget)
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
-                         gate_lr=args.gate_lr, gate_pretrain_steps=args.gate_pretrain_steps,
+                         gate_lr=args.gate_lr, lr_warmup=args.lr_warmup, gate_pretrain_steps=args.gate_pretrain_steps,
                          gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len,
                          eval_every=args.steps, checkpoint_every=args.steps, seed=seed)
     config = replace(config, **spec.training)

@@ -111,6 +111,15 @@ def test_lora_trains_its_tensors_only_and_the_sparse_base_stays_as_it_was(tiny_d
     assert trainable_count(lm, extra) == 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
 
 
+def test_a_file_made_before_the_warmup_existed_grows_only_without_one(load_benchmark):
+    recovery = load_benchmark("recovery")
+    made = {"lr": 0.3, "steps": 200, "mops": {"top_k": None}, "training": {"balance": 0.0}}
+    now = lambda warmup: {"lr": 0.3, "steps": 200, "lr_warmup": warmup, "mops": {"top_k": None},  # noqa: E731
+                           "training": {"balance": 0.0, "distill": 0.0}}
+    assert recovery.same_protocol(made, now(0)) and not recovery.same_protocol(made, now(50))
+    assert recovery.same_protocol(now(50), now(50)) and not recovery.same_protocol(now(50), now(0))
+
+
 def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny_dir):
     argv = [sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
             "--settings", "2:4", "--methods", "none", "prompt", "mops", "--seeds", "0", "1", "--limit-per-source", "40",
@@ -212,7 +221,7 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
 
 @pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"], ["--methods", "mops:top_k=x"],
                                   ["--methods", "mops:mixed_precision=fp8"],
-                                  ["--test-examples", "0"]])
+                                  ["--test-examples", "0"], ["--lr-warmup", "-1"]])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
                          capture_output=True, text=True)

@@ -65,7 +65,8 @@ def test_a_small_grid_writes_its_tables_and_a_rerun_starts_nothing(tmp_path, tin
                                            (["--methods", "mops@rounds=x"], "rounds='x' is not a whole number"),
                                            (["--methods", "mops@strategy=fedavgm,server_tau=0.1"], "--server-tau"),
                                            (["--partitions", "zipf"], "--partitions 'zipf'"),
-                                           (["--test-examples", "0"], "--test-examples 0")])
+                                           (["--test-examples", "0"], "--test-examples 0"),
+                                           (["--lr-warmup", "-1"], "--lr-warmup -1: expected 0 or more")])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag, message):
     run = subprocess.run([sys.executable, BENCH, "--out-dir", str(tmp_path), "--runs-dir", str(tmp_path / "r"),
                           *flag], capture_output=True, text=True)
@@ -127,11 +128,17 @@ def test_a_run_s_precision_is_what_every_client_said_and_picks_its_centralized_r
     assert federated.centralized_label("single:mixed_precision=bf16@strategy=fedavgm") == "mops:mixed_precision=bf16"
 
 
-def test_a_file_made_before_a_default_rate_changed_grows_only_at_the_rate_it_was_made_at(load_benchmark):
+def test_a_file_made_before_a_default_rate_changed_grows_only_at_the_rates_it_was_made_at(load_benchmark):
     bench = load_benchmark("federated")
+    # a file of before --lr-warmup existed: the rates left to mops-recover's defaults of the day
     made = {"lr": None, "gate_lr": None, "rounds": 10, "training": {"lr": 0.3, "gate_lr": 3e-3, "balance": 0.0}}
-    at = lambda lr, default: {"lr": lr, "gate_lr": None, "rounds": 10,  # noqa: E731
-                              "training": {"lr": default, "gate_lr": 3e-3, "balance": 0.0}}
-    assert bench.same_protocol(made, at(None, 0.3)) and bench.same_protocol(made, at(0.3, 1.0))
-    assert not bench.same_protocol(made, at(None, 1.0)) and not bench.same_protocol(made, at(1.0, 0.3))
-    assert made["lr"] is None and made["training"]["lr"] == 0.3  # compared, not changed
+
+    def now(lr=None, warmup=None, default_lr=0.3, default_warmup=0):
+        return {"lr": lr, "gate_lr": None, "lr_warmup": warmup, "rounds": 10,
+                "training": {"lr": default_lr, "gate_lr": 3e-3, "lr_warmup": default_warmup, "balance": 0.0}}
+    assert bench.same_protocol(made, now()) and bench.same_protocol(made, now(lr=0.3, default_lr=1.0))
+    assert not bench.same_protocol(made, now(default_lr=1.0)) and not bench.same_protocol(made, now(lr=1.0))
+    assert not bench.same_protocol(made, now(default_warmup=50))  # it trained without a warmup
+    assert bench.same_protocol(made, now(lr=0.3, warmup=0, default_lr=1.0, default_warmup=50))
+    assert made == {"lr": None, "gate_lr": None, "rounds": 10,
+                    "training": {"lr": 0.3, "gate_lr": 3e-3, "balance": 0.0}}  # compared, not changed
