@@ -165,6 +165,7 @@ def test_a_warmup_raises_every_rate_linearly_then_hands_over_to_the_schedule(tin
         factor = min(1, (step + 1) / 4) * 0.5 * (1 + math.cos(math.pi * step / 8))
         assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.2 * factor, 0.01 * factor])
 
+
 BAD = [
     (["--experts", "0"], "--experts 0"),
     (["--prompt-len", "-2"], "--prompt-len -2"),
