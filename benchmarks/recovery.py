@@ -143,8 +143,8 @@ def main(argv=None) -> None:
     specs = [parse_method(m) for m in args.methods]
     if args.test_examples is not None and args.test_examples < 1:
         raise UserError(f"--test-examples {args.test_examples}: expected a positive whole number")
-    if args.lr_warmup < 0:
-        raise UserError(f"--lr-warmup {args.lr_warmup}: expected 0 or more")
+    for spec in specs:  # a bad --steps, --lr, ... is refused now, not after pruning and the first cells
+        train_config(args, spec, seed=0).validate()
     prune_configs = {s: PruneConfig(method=args.prune_method, calib_samples=args.calib_samples, seq_len=args.seq_len,
                                     seed=args.split_seed, **({"pattern": s} if ":" in s else {"sparsity": float(s)}))
                      for s in args.settings}
@@ -229,15 +229,20 @@ def cell_key(setting: str, spec: str, seed: int | None) -> str:
     return f"{setting}/{spec}" + ("" if seed is None else f"/seed{seed}")
 
 
-def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates,
-               teacher: TeacherTargets | None = None) -> dict:
-    torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
-    mixture, extra, about = prepare(spec, model, budget)
+def train_config(args, spec, seed: int) -> TrainConfig:
+    """What a cell trains with: the study's flags, then the method's overrides."""
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lora_lr=args.lora_lr,
                          gate_lr=args.gate_lr, lr_warmup=args.lr_warmup, gate_pretrain_steps=args.gate_pretrain_steps,
                          gate_pretrain_examples=args.gate_pretrain_examples, max_len=args.max_len,
                          eval_every=args.steps, checkpoint_every=args.steps, seed=seed)
-    config = replace(config, **spec.training)
+    return replace(config, **spec.training)
+
+
+def train_cell(spec, seed: int, model, tok, splits, test, budget: Budget, args, lower: LowerStates,
+               teacher: TeacherTargets | None = None) -> dict:
+    torch.manual_seed(seed)  # LoRA's A starts random: from the seed, not from whatever ran before
+    mixture, extra, about = prepare(spec, model, budget)
+    config = train_config(args, spec, seed)
     started = time.perf_counter()
     # only the train split goes in: the study scores its own held-out set, so the trainer's
     # validation passes would be time spent on numbers nobody reads
