@@ -17,6 +17,8 @@ seeds, each example's NLL is first averaged over them.
     python benchmarks/recovery.py --settings 3:4 --methods prompt-equal mops
     python benchmarks/recovery.py --name tune --score-split validation --seeds 0 --settings 3:4 \\
         --methods prompt-equal prompt-equal:lr=1.0 mops mops:top_k=1,router_noise=1.0    # choices, on validation
+    python benchmarks/recovery.py --name transfer --score-data alpaca-eval gsm8k --settings 2:4 \
+        --methods none mops prompt-equal    # scored on instruction data no method trained on
     python benchmarks/recovery.py --model path/to/Llama-2-7b-hf --name llama2-7b --device cuda \\
         --steps 1000 --batch-size 8 --max-len 512 --calib-samples 128 --seq-len 2048
 
@@ -98,6 +100,11 @@ def parse_args(argv):
                    help="held-out examples scored, stratified (default: the whole split)")
     p.add_argument("--score-split", default="test", choices=("test", "validation"),
                    help="the held-out split scored: tune on validation, report on test (default: test)")
+    p.add_argument("--score-data", nargs="+", default=None, metavar="SOURCE",
+                   help="score on these sources instead of a split of --data: instruction data no method trained "
+                        "on (e.g. alpaca-eval gsm8k), a seeded, category-stratified --score-per-source of each")
+    p.add_argument("--score-per-source", type=int, default=150,
+                   help="examples of each --score-data source (default: 150)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's, all cores)")
     p.add_argument("--work-dir", default="runs/recovery", help="where pruned checkpoints are cached")
@@ -110,13 +117,22 @@ def protocol(args) -> dict:
     keys = ("model", "prune_method", "calib_samples", "seq_len", "data", "limit_per_source", "split_seed", "experts",
             "prompt_len", "gate_layer", "inject_layer", "gate_hidden", "lora_rank", "steps", "batch_size", "max_len", "lr", "gate_lr",
             "lr_warmup", "lora_lr", "gate_pretrain_steps", "gate_pretrain_examples", "test_examples", "score_split")
+    score_data = args.score_data and {"sources": args.score_data, "per_source": args.score_per_source}
     # the defaults of the MoPs configuration are part of what "mops" means
-    return {k: getattr(args, k) for k in keys} | {"test_max_len": RESPONSE_MAX_LEN, "mops": asdict(MixtureConfig()),
-                                                 "training": _training_defaults()}
+    return {k: getattr(args, k) for k in keys} | {"score_data": score_data, "test_max_len": RESPONSE_MAX_LEN,
+                                                 "mops": asdict(MixtureConfig()), "training": _training_defaults()}
 
 
 #: study options added after files were made, at the value that trains as before they existed
-NEUTRAL = {"lr_warmup": 0}
+NEUTRAL = {"lr_warmup": 0, "score_data": None}
+
+
+def scored_on(p: dict) -> str:
+    """What a file's cells were scored on, in words: a split of the training sources, or others."""
+    data = p.get("score_data")
+    if not data:
+        return p["score_split"]
+    return f"{' + '.join(data['sources'])} (never trained on; {data['per_source']} of each)"
 
 
 def same_protocol(saved: dict, now: dict) -> bool:
@@ -143,6 +159,11 @@ def main(argv=None) -> None:
     specs = [parse_method(m) for m in args.methods]
     if args.test_examples is not None and args.test_examples < 1:
         raise UserError(f"--test-examples {args.test_examples}: expected a positive whole number")
+    if args.score_data and (trained := set(args.score_data) & set(args.data)):
+        raise UserError(f"--score-data {' '.join(sorted(trained))}: the methods train on it (--data); "
+                        "name sources outside --data")
+    if args.score_per_source < 1:
+        raise UserError(f"--score-per-source {args.score_per_source}: expected a positive whole number")
     for spec in specs:  # a bad --steps, --lr, ... is refused now, not after pruning and the first cells
         train_config(args, spec, seed=0).validate()
     prune_configs = {s: PruneConfig(method=args.prune_method, calib_samples=args.calib_samples, seq_len=args.seq_len,
@@ -158,7 +179,8 @@ def main(argv=None) -> None:
     results.update(protocol=protocol(args), versions=library_versions())
 
     splits = split_records(load_records(args.data, args.limit_per_source, args.split_seed), args.split_seed)
-    held = splits[args.score_split]
+    held = (load_records(args.score_data, args.score_per_source, args.split_seed) if args.score_data
+            else splits[args.score_split])
     test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
     results["test_sources"] = [r.source for r in test]  # per_example's order: the by-source table
 
@@ -415,7 +437,7 @@ def markdown(results: dict, stem: str) -> str:
         f"m = {p['prompt_len']}, gate width {p['gate_hidden']}; lr {p['lr']} (prompts) / {p['gate_lr']} (gate) / {p['lora_lr']} (LoRA), "
         f"{p['gate_pretrain_steps']} gate-pretraining steps on {p['gate_pretrain_examples']} examples; the MoPs "
         f"configuration: {_config_text(p['mops'])}. Score: response-only perplexity of "
-        f"{(dense or {}).get('test_examples', '?')} held-out {p['score_split']} examples "
+        f"{(dense or {}).get('test_examples', '?')} held-out {scored_on(p)} examples "
         f"({(dense or {}).get('test_tokens', '?')} response tokens, {p['test_max_len']} tokens per example), "
         f"token-weighted; with several seeds, of each example's NLL averaged over them. Dense model: "
         f"**{dense_ppl:.2f}**. Recovered = (log ppl_pruned - log ppl) / (log ppl_pruned - log ppl_dense).",
@@ -446,7 +468,7 @@ def markdown(results: dict, stem: str) -> str:
         lines.append(f"| {s} | " + " | ".join(row) + " |")
     lines += ["", "## MoPs against each baseline",
               "",
-              f"ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the {p['score_split']} examples "
+              f"ppl_MoPs / ppl_baseline - 1, paired bootstrap 95% interval over the {scored_on(p)} examples "
               "(2,000 resamples, the same for both methods). Lower is better for MoPs; an interval holding 0 is a tie. Each baseline "
               "kind is represented by its best variant in the file; `lora` (rank 8) has about 100x the mixture's "
               "parameters and is there for reference, not as an equal budget. With several seeds, the last column is the same "
@@ -548,7 +570,7 @@ def draw_chart(results: dict, path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(range(len(settings)), settings)
     ax.set_xlabel("pruning setting")
-    ax.set_ylabel(f"held-out response perplexity (log), {results['protocol']['score_split']}")
+    ax.set_ylabel(f"held-out response perplexity (log), {scored_on(results['protocol'])}")
     ax.set_title(f"Recovery of {results['protocol']['model']} ({results['protocol']['prune_method']})", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=130, bbox_inches="tight")

@@ -149,6 +149,22 @@ def test_the_grid_saves_each_cell_and_a_rerun_skips_finished_ones(tmp_path, tiny
     assert other.returncode == 2 and "was made with other settings" in other.stderr
 
 
+def test_the_study_can_score_on_sources_no_method_trained_on(tmp_path, tiny_dir):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir, "--name", "t",
+                          "--settings", "2:4", "--methods", "none", "prompt", "--seeds", "0", "--data", "dolly",
+                          "--limit-per-source", "40", "--score-data", "alpaca-eval", "gsm8k", "--score-per-source", "6",
+                          "--steps", "2", "--batch-size", "2", "--max-len", "96", "--prune-method", "magnitude",
+                          "--threads", "1", "--work-dir", str(tmp_path / "work"), "--out-dir", str(tmp_path / "out")],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "out" / "recovery_t.json").read_text())
+    assert results["test_sources"] == ["alpaca-eval"] * 6 + ["gsm8k"] * 6  # 6 of each, none from the training data
+    assert results["cells"]["2:4/prompt/seed0"]["test_examples"] == 12
+    assert results["protocol"]["score_data"] == {"sources": ["alpaca-eval", "gsm8k"], "per_source": 6}
+    table = (tmp_path / "out" / "recovery_t.md").read_text()
+    assert "12 held-out alpaca-eval + gsm8k (never trained on; 6 of each) examples" in table
+
+
 def test_a_checkpoint_pruned_again_differently_is_refused_and_the_file_is_kept(tmp_path, tiny_dir, reprune):
     def study(*methods):
         return subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--model", tiny_dir,
@@ -222,7 +238,8 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
 @pytest.mark.parametrize("flag", [["--threads", "0"], ["--methods", "mops", "magic"], ["--methods", "mops:top_k=x"],
                                   ["--methods", "mops:mixed_precision=fp8"],
                                   ["--test-examples", "0"], ["--lr-warmup", "-1"], ["--steps", "0"],
-                                  ["--lr", "-1.0"], ["--batch-size", "0"]])
+                                  ["--lr", "-1.0"], ["--batch-size", "0"], ["--score-data", "dolly"],
+                                  ["--score-per-source", "0"]])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
                          capture_output=True, text=True)
