@@ -17,7 +17,7 @@ seeds, each example's NLL is first averaged over them.
     python benchmarks/recovery.py --settings 3:4 --methods prompt-equal mops
     python benchmarks/recovery.py --name tune --score-split validation --seeds 0 --settings 3:4 \\
         --methods prompt-equal prompt-equal:lr=1.0 mops mops:top_k=1,router_noise=1.0    # choices, on validation
-    python benchmarks/recovery.py --name transfer --score-data alpaca-eval gsm8k --settings 2:4 \
+    python benchmarks/recovery.py --name transfer --score-data alpaca-eval gsm8k --settings 2:4 \\
         --methods none mops prompt-equal    # scored on instruction data no method trained on
     python benchmarks/recovery.py --model path/to/Llama-2-7b-hf --name llama2-7b --device cuda \\
         --steps 1000 --batch-size 8 --max-len 512 --calib-samples 128 --seq-len 2048
