@@ -239,7 +239,7 @@ def test_two_runs_on_other_settings_share_one_results_file(tmp_path, tiny_dir):
                                   ["--methods", "mops:mixed_precision=fp8"],
                                   ["--test-examples", "0"], ["--lr-warmup", "-1"], ["--steps", "0"],
                                   ["--lr", "-1.0"], ["--batch-size", "0"], ["--score-data", "dolly"],
-                                  ["--score-per-source", "0"]])
+                                  ["--score-data", "nowhere"], ["--score-per-source", "0"]])
 def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(tmp_path), *flag],
                          capture_output=True, text=True)
