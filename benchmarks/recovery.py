@@ -149,6 +149,15 @@ def _training_defaults() -> dict:
     return {k: t[k] for k in ("warm_steps", "balance", "gate_pretrain_lr")}
 
 
+def require_unseen(scored: list, trained: list, what: str) -> None:
+    """Scored examples must not be training data: the same instruction, context and response
+    in both is refused in one line, whatever the sources are called."""
+    seen = {(r.instruction, r.context, r.response) for r in trained}
+    if shared := sum((r.instruction, r.context, r.response) in seen for r in scored):
+        raise UserError(f"{what}: {shared} of its {len(scored)} examples are also in --data (the same instruction, "
+                        "context and response); score on data the methods do not train on")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     setup_logging(quiet=True)
@@ -178,9 +187,12 @@ def main(argv=None) -> None:
         raise UserError(f"{out_json} was made with other settings; use --name for a new study or delete it")
     results.update(protocol=protocol(args), versions=library_versions())
 
-    splits = split_records(load_records(args.data, args.limit_per_source, args.split_seed), args.split_seed)
+    records = load_records(args.data, args.limit_per_source, args.split_seed)
+    splits = split_records(records, args.split_seed)
     held = (load_records(args.score_data, args.score_per_source, args.split_seed) if args.score_data
             else splits[args.score_split])
+    if args.score_data:  # the name check above misses a --data source given again as a file
+        require_unseen(held, records, what=f"--score-data {' '.join(args.score_data)}")
     test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
     results["test_sources"] = [r.source for r in test]  # per_example's order: the by-source table
 

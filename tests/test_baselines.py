@@ -247,6 +247,19 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
     assert flag[-1] in run.stderr and not any(tmp_path.iterdir())
 
 
+def test_scored_data_that_is_training_data_under_another_name_is_refused(tmp_path):
+    """Dolly's own records in a file of another name pass the --data name check; their content
+    does not: one line, exit 2, nothing written."""
+    copied = tmp_path / "renamed.jsonl"
+    copied.write_text("".join(json.dumps({"instruction": r.instruction, "context": r.context, "response": r.response,
+                                          "category": r.category}) + "\n" for r in load_records("dolly", 3, 0)))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--out-dir", str(out),
+                          "--score-data", str(copied), "--methods", "none"], capture_output=True, text=True)
+    assert run.returncode == 2 and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert "3 of its 3 examples are also in --data" in run.stderr and not out.exists()
+
+
 def test_a_recovery_variant_is_compared_with_each_variant_whose_overrides_it_keeps(load_benchmark):
     recovery = load_benchmark("recovery")
     methods = ["prompt-equal", "mops:combine=attention", "mops:combine=attention,top_k=1",
