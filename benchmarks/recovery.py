@@ -168,9 +168,6 @@ def main(argv=None) -> None:
     specs = [parse_method(m) for m in args.methods]
     if args.test_examples is not None and args.test_examples < 1:
         raise UserError(f"--test-examples {args.test_examples}: expected a positive whole number")
-    if args.score_data and (trained := set(args.score_data) & set(args.data)):
-        raise UserError(f"--score-data {' '.join(sorted(trained))}: the methods train on it (--data); "
-                        "name sources outside --data")
     if args.score_per_source < 1:
         raise UserError(f"--score-per-source {args.score_per_source}: expected a positive whole number")
     for spec in specs:  # a bad --steps, --lr, ... is refused now, not after pruning and the first cells
@@ -191,7 +188,7 @@ def main(argv=None) -> None:
     splits = split_records(records, args.split_seed)
     held = (load_records(args.score_data, args.score_per_source, args.split_seed) if args.score_data
             else splits[args.score_split])
-    if args.score_data:  # the name check above misses a --data source given again as a file
+    if args.score_data:  # by content, so a --data source given again as a file is caught too
         require_unseen(held, records, what=f"--score-data {' '.join(args.score_data)}")
     test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
     results["test_sources"] = [r.source for r in test]  # per_example's order: the by-source table

@@ -248,8 +248,8 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag):
 
 
 def test_scored_data_that_is_training_data_under_another_name_is_refused(tmp_path):
-    """Dolly's own records in a file of another name pass the --data name check; their content
-    does not: one line, exit 2, nothing written."""
+    """Dolly's own records in a file of another name are training data all the same: one line,
+    exit 2, nothing written."""
     copied = tmp_path / "renamed.jsonl"
     copied.write_text("".join(json.dumps({"instruction": r.instruction, "context": r.context, "response": r.response,
                                           "category": r.category}) + "\n" for r in load_records("dolly", 3, 0)))
