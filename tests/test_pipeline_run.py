@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mops.data import encode_example
 from mops.pipeline.cli import entry
 
 RECIPE = """\
@@ -27,7 +28,7 @@ prune:
     pattern: 2:4
 recover:
   budget: {{n_experts: 2, prompt_len: 2}}
-  training: {{steps: 4, batch_size: 2, eval_every: 2, eval_examples: 4, gate_pretrain_steps: 2, max_len: 64,
+  training: {{steps: 4, batch_size: 2, eval_every: 2, eval_examples: 4, gate_pretrain_steps: 2, max_len: 512,
              checkpoint_every: 1}}
   snapshot_examples: 8
   methods:
@@ -63,12 +64,27 @@ def stage_folders(out: Path) -> dict[str, float]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "stages").glob("*/*") if not p.name.startswith(".")}
 
 
+#: Every token sequence the reference run sent through the layers below the injection layer.
+REFERENCE_LOWER_STATES: list[tuple[int, ...]] = []
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_dir):
-    """One uninterrupted run of the tiny recipe."""
+    """One uninterrupted run of the tiny recipe (its lower-layer computations counted)."""
+    from mops.injection import PromptedLM
+
     folder = tmp_path_factory.mktemp("reference")
     path = write_recipe(folder, tiny_dir)
-    assert entry([path, "--quiet"]) == 0
+    lower_states = PromptedLM.lower_states
+
+    def counted(self, sequences):
+        if self.inject_layer > 0:  # a bare model's "lower layers" are its embeddings: nothing stored
+            REFERENCE_LOWER_STATES.extend(tuple(s) for s in sequences)
+        return lower_states(self, sequences)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PromptedLM, "lower_states", counted)
+        assert entry([path, "--quiet"]) == 0
     return path, folder / "out"
 
 
@@ -193,6 +209,30 @@ def test_changing_one_recovery_option_reruns_exactly_the_dependent_stages(refere
     assert {"gate/expert_0_weight", "gate/expert_1_weight"} <= set(scalars)
     weights = [events.Scalars(f"gate/expert_{k}_weight")[0].value for k in (0, 1)]
     assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # a soft gate's weights over the experts
+
+
+def test_the_recovered_models_eval_reads_the_held_out_states_its_recover_stage_computed(reference):
+    """The gate snapshots ran the 8 held-out examples through the layers below l; the eval of the
+    recovered model takes their states from the run's store, and scores what a fresh store scores."""
+    from mops.adapter import load
+    from mops.eval.perplexity import response_perplexity
+    from mops.models import load_model
+    from mops.pipeline.recipe import load_recipe
+    from mops.pipeline.world import check_world
+
+    path, out = reference
+    test = check_world(load_recipe(path)[0]).test_records(8)
+    model, tokenizer = load_model(out / "pruned" / "magnitude-2of4")
+    held_out = {tuple(encode_example(tokenizer, r).input_ids) for r in test}
+    computed = REFERENCE_LOWER_STATES
+    assert held_out <= set(computed)  # the snapshots ran them (max_len 512: encoded as the eval encodes them)
+    twice = len(computed) - len(set(computed))
+    assert twice == 0, f"{twice} examples ran through the lower layers twice"
+    saved = next(e for e in map(json.loads, map(Path.read_text, out.glob("stages/eval/*/eval.json")))
+                 if e["label"] == "magnitude-2of4/mops")
+    lm = load(model, out / "adapters" / "magnitude-2of4-mops")
+    fresh = response_perplexity(lm, tokenizer, test, progress=False)  # no store: every state computed anew
+    assert fresh["per_example"] == saved["response"]["per_example"]  # bitwise
 
 
 def test_the_reports_commands_reproduce_the_prune_and_recover_stages(reference, tmp_path, monkeypatch, capsys,

@@ -69,7 +69,7 @@ def run(stage, job, tmp) -> dict:
                          e.resamples, recipe.seed)
     lap("wikitext2")
     test = job.world.test_records(e.response.examples)
-    response = response_perplexity(model, tokenizer, test, progress=not job.quiet)
+    response = response_perplexity(model, tokenizer, test, progress=not job.quiet, lower=job.lower)
     response |= ppl_interval(response["per_example"], e.resamples, recipe.seed)
     lap("response")
     result = {"label": stage.label, "model": stage.spec["model"], "sparsity": sparsity, "wikitext2": wiki,

@@ -50,7 +50,7 @@ def run(stage, job, tmp) -> dict:
     try:
         lm, history = recover(model, tokenizer, world.splits, mixture, config, checkpoint_dir=checkpoint, resume=resume,
                               progress=not job.quiet, on_step=logger, device=recipe.device,
-                              snapshot_records=snapshots, extra_params=extra, teacher=teacher)
+                              snapshot_records=snapshots, extra_params=extra, teacher=teacher, lower=job.lower)
     finally:
         if logger:
             logger.finish()

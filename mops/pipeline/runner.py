@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from mops.pipeline import eval_stage, prune_stage, recover_stage, report
@@ -36,6 +37,17 @@ class Job:
         from mops.pipeline.trackers import StepLogger, make_tracker
 
         return StepLogger([make_tracker(self.report_to, self.store.out, stage)])
+
+    @cached_property
+    def lower(self):
+        """The frozen layers' states below the injection layer (:class:`mops.lower_cache.LowerStates`),
+        shared by every stage of this run: the recover stage computes the held-out examples' states
+        for its gate snapshots, and the recovered model's eval reads them back instead of running
+        those layers again. Exact: an example's states never depend on which run computed them, and
+        the store empties itself when another base asks."""
+        from mops.lower_cache import LowerStates
+
+        return LowerStates()
 
 
 def execute(job: Job, stages: list[Stage], echo=print) -> dict:
