@@ -3,6 +3,8 @@ command prints (kept here so the commands never import each other)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import sys
 
@@ -19,6 +21,22 @@ def setup_logging(quiet: bool) -> None:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_warning()
         datasets.disable_progress_bars()
+
+
+@contextlib.contextmanager
+def stderr_kept_aside(quiet: bool, shown: int = 4000):
+    """Libraries that draw progress bars no option turns off (lm-eval, llm-compressor): a quiet
+    run keeps their stderr aside and shows its last ``shown`` characters only if the block fails."""
+    if not quiet:
+        yield
+        return
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    except BaseException:
+        sys.stderr.write(captured.getvalue()[-shown:])
+        raise
 
 
 def run_cli(main, argv=None) -> int:

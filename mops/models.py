@@ -16,6 +16,7 @@ points at a loadable checkpoint (llm-compressor re-reads it).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -181,6 +182,18 @@ def check_device(device: str) -> None:
         raise UserError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {device!r}: no CUDA device is available here; use --device cpu")
+
+
+@contextlib.contextmanager
+def attending_with(config, name: str):
+    """The model attends with the registered attention function ``name`` inside the block
+    (transformers' attention modules read ``config._attn_implementation`` at every call)."""
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mops.models import attending_with
+
 NAME = "mops_packed"
 
 
@@ -102,9 +104,5 @@ def packed(config):
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, packed_attention)
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
+    with attending_with(config, NAME):
         yield
-    finally:
-        config._attn_implementation = previous

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from mops.cli_common import stderr_kept_aside
 from mops.errors import UserError
 from mops.models import decoder_layers
 from mops.outputs import atomic_dir, library_versions
@@ -108,9 +109,7 @@ def _quiet_llmcompressor(quiet: bool):
     if not quiet:
         yield
         return
-    import io
     import os
-    import sys
 
     from loguru import logger
 
@@ -119,13 +118,9 @@ def _quiet_llmcompressor(quiet: bool):
     os.environ["LLM_COMPRESSOR_LOG_DISABLED"] = "true"
     logger.disable("llmcompressor")
     logger.disable("compressed_tensors")
-    captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):
+        with stderr_kept_aside(quiet):
             yield
-    except BaseException:
-        sys.stderr.write(captured.getvalue()[-4000:])
-        raise
     finally:
         if previous is None:
             os.environ.pop("LLM_COMPRESSOR_LOG_DISABLED")

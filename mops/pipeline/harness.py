@@ -8,12 +8,11 @@ which the ``mops`` model cannot load from a folder, so it is handed to lm-eval's
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-import io
-import sys
 import time
+
+from mops.cli_common import stderr_kept_aside
 
 SUFFIX = ",none"  # lm-eval's key suffix for the default filter
 
@@ -42,26 +41,10 @@ def tasks_sha256() -> str:
     return digest.hexdigest()
 
 
-@contextlib.contextmanager
-def quiet_stderr(quiet: bool):
-    """lm-eval draws progress bars that no option turns off; a quiet run keeps them (and any
-    other stderr chatter) aside and shows them only if evaluation fails."""
-    if not quiet:
-        yield
-        return
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            yield
-    except BaseException:
-        sys.stderr.write(captured.getvalue()[-4000:])
-        raise
-
-
 def run_tasks(model, tasks: list[tuple[str, float | None]], num_fewshot: int | None, quiet: bool = False) -> list[dict]:
     """lm-eval's results, one dict per distinct limit. ``model``: model_args for the ``mops``
     model, or a loaded Hugging Face model (wrapped in lm-eval's ``HFLM``)."""
-    with quiet_stderr(quiet):
+    with stderr_kept_aside(quiet):
         return _run_tasks(model, tasks, num_fewshot)
 
 

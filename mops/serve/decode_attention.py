@@ -26,12 +26,13 @@ layers run unchanged: the step's masks arrive through the layers' keyword argume
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mops.models import attending_with
 
 NAME = "mops_serve_decode"
 KEY_BLOCK = 128  # keys per block: fewer blocks cost fewer kernel calls, larger ones waste more padding
@@ -91,13 +92,7 @@ def decode_attention(module, query, key, value, attention_mask, dropout: float =
 AttentionInterface.register(NAME, decode_attention)
 
 
-@contextlib.contextmanager
 def decoding(config):
-    """The model attends with :func:`decode_attention` inside the block (attention modules
-    read ``config._attn_implementation`` at every call); only the engine thread runs it."""
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
+    """The model attends with :func:`decode_attention` inside the block; only the engine
+    thread runs it."""
+    return attending_with(config, NAME)
