@@ -59,7 +59,7 @@ from mops.errors import UserError
 from mops.eval.bootstrap import format_delta, mean_over_seeds, paired_bootstrap, perplexity, verdict
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL
-from mops.outputs import library_versions, results_lock, write_json_atomic
+from mops.outputs import SharedResults, library_versions, results_lock
 from mops.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -472,24 +472,16 @@ def main(argv=None) -> None:
         raise UserError(f"{out_json} was made with other settings; use --name for a new study or delete it")
     results.update(protocol=protocol(args), versions=library_versions())
 
-    def merge_other_runs() -> None:
-        if out_json.is_file():
-            results["runs"] = json.loads(out_json.read_text()).get("runs", {}) | results["runs"]
+    shared = SharedResults(out_json, results, "runs", render)
 
     def save(key: str, cell: dict) -> None:
-        with results_lock(out_json):
-            merge_other_runs()
-            results["runs"][key] = cell
-            write_json_atomic(out_json, results)
-            render(results, out_json)
+        shared.save(key, cell)
         print(f"{key:>48}  ppl {cell['ppl']:9.2f}", flush=True)
 
     checked = set()
     for setting, partition, method, seed in jobs:
         key = run_key(setting, partition, method.label, seed)
-        with results_lock(out_json):
-            merge_other_runs()
-        if key in results["runs"]:
+        if shared.has(key):
             continue
         if args.reuse_only:  # tabulate a federated run that finished outside this file; start nothing
             cell = None if partition == "centralized" else \

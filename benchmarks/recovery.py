@@ -50,7 +50,7 @@ from mops.gate_analysis import draw_heatmaps
 from mops.lower_cache import LowerStates
 from mops.mixture import MixtureConfig
 from mops.models import DEFAULT_MODEL, load_model
-from mops.outputs import library_versions, results_lock, write_json_atomic
+from mops.outputs import SharedResults, library_versions
 from mops.prune import PruneConfig
 from mops.prune.config import MISSION_SETTINGS
 from mops.prune.core import prune_to_folder
@@ -193,16 +193,10 @@ def main(argv=None) -> None:
     test = stratified_subset(held, args.test_examples or len(held), args.split_seed)
     results["test_sources"] = [r.source for r in test]  # per_example's order: the by-source table
 
-    def merge_other_runs() -> None:  # another run may share the file: take its cells in
-        if out_json.is_file():
-            results["cells"] = json.loads(out_json.read_text())["cells"] | results["cells"]
+    shared = SharedResults(out_json, results, "cells", render)
 
     def save(key: str, cell: dict) -> None:
-        with results_lock(out_json):
-            merge_other_runs()
-            results["cells"][key] = cell
-            write_json_atomic(out_json, results)
-            render(results, out_json)
+        shared.save(key, cell)
         print(f"{key:>40}  ppl {cell['ppl']:9.2f}  params {cell['trainable_params']:>9,}  {cell['seconds']:6.0f}s",
               flush=True)
 
@@ -236,9 +230,7 @@ def main(argv=None) -> None:
             teacher = TeacherTargets(load_model(args.model, device=args.device)[0])  # one for every setting
         for spec, seed in todo:
             key = cell_key(setting, spec.spec, seed)
-            with results_lock(out_json):
-                merge_other_runs()
-            if key in results["cells"]:
+            if shared.has(key):
                 continue
             started = time.perf_counter()
             model, tok = load_model(pruned_dir, device=args.device)
@@ -250,10 +242,7 @@ def main(argv=None) -> None:
                 cell.update(train_cell(spec, seed, model, tok, splits, test, budget, args, lower, teacher))
             cell["seconds"] = time.perf_counter() - started
             save(key, cell)
-    with results_lock(out_json):  # redrawn with every run's cells (and this run's test sources)
-        merge_other_runs()
-        write_json_atomic(out_json, results)
-        render(results, out_json)
+    shared.redraw()  # with every run's cells (and this run's test sources)
 
 
 def cell_key(setting: str, spec: str, seed: int | None) -> str:

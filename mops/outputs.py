@@ -30,6 +30,42 @@ def results_lock(out_json: Path) -> Iterator[None]:
         yield
 
 
+class SharedResults:
+    """A benchmark's results file that several runs (other settings, methods or seeds, in other
+    processes) fill together. ``results[table]`` maps a key to one finished entry; before
+    deciding anything, and whenever it writes, a run takes in what the others saved, under
+    :func:`results_lock`, and every write redraws the tables (``render(results, path)``)."""
+
+    def __init__(self, path: Path, results: dict, table: str, render) -> None:
+        self.path, self.results, self.table, self.render = Path(path), results, table, render
+
+    def _merge(self) -> None:  # theirs first, so this run's entries win on a shared key
+        if self.path.is_file():
+            self.results[self.table] = json.loads(self.path.read_text()).get(self.table, {}) | self.results[self.table]
+
+    def has(self, key: str) -> bool:
+        """Whether any run has finished ``key`` (so this one skips it)."""
+        with results_lock(self.path):
+            self._merge()
+        return key in self.results[self.table]
+
+    def save(self, key: str, entry: dict) -> None:
+        with results_lock(self.path):
+            self._merge()
+            self.results[self.table][key] = entry
+            self._write()
+
+    def redraw(self) -> None:
+        """Write and render with every run's entries (and this run's other fields)."""
+        with results_lock(self.path):
+            self._merge()
+            self._write()
+
+    def _write(self) -> None:
+        write_json_atomic(self.path, self.results)
+        self.render(self.results, self.path)
+
+
 def check_output_dir(out: str | os.PathLike, force: bool = False) -> Path:
     """Refuse, before any work starts, an output folder that already holds something."""
     out = Path(out)
