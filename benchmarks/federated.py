@@ -539,11 +539,28 @@ def compare(a_runs: list[dict], b_runs: list[dict], indices=None) -> dict | None
     return {"seeds": seeds, "per_seed": per_seed, "mean": mean}
 
 
+#: the training overrides only some kinds read (a key not here, such as steps or lr_schedule, every
+#: kind reads): the single prompt has no gate, LoRA no prompt rate
+READ_BY = {"lr": {"mops", "single", "prompt-equal", "uniform"}, "lora_lr": {"lora"}} | {
+    k: {"mops"} for k in ("gate_lr", "warm_steps", "balance", "gate_pretrain_steps", "gate_pretrain_lr",
+                          "gate_pretrain_examples")}
+
+
+def same_training(a: Method, b: Method) -> bool:
+    """Whether two runs train alike in every setting both read (a key left out: its default)."""
+    ta, tb, default = parse_method(a.spec).training, parse_method(b.spec).training, TrainConfig()
+    return all(ta.get(k, getattr(default, k)) == tb.get(k, getattr(default, k)) for k in ta.keys() | tb.keys()
+               if {a.kind, b.kind} <= READ_BY.get(k, set(LABELS)))
+
+
 def like_for_like(ours: str, labels: list[str]) -> list[str]:
     """The baselines a MoPs run is compared with: those run under the same federated options
-    (rounds x local steps, strategy), so a schedule tuned for MoPs is not credited to the gate."""
-    options = parse_label(ours).options
-    return [m for m in labels if parse_label(m).kind != "mops" and parse_label(m).options == options]
+    (rounds x local steps, strategy) and the same training settings both read (``mops:lr=1.0``
+    against ``single:lr=1.0``, not ``single``), so a schedule or a rate tuned for MoPs is not
+    credited to the gate; a gate's own settings (``gate_lr``) leave the baselines as they are."""
+    me = parse_label(ours)
+    return [m for m in labels if (other := parse_label(m)).kind != "mops" and other.options == me.options
+            and same_training(me, other)]
 
 
 def extends(variant: str, labels: list[str]) -> list[str]:

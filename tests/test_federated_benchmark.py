@@ -77,10 +77,21 @@ def test_the_grid_refuses_bad_options_in_one_line(tmp_path, flag, message):
 def test_mops_is_compared_with_the_baselines_run_under_the_same_federated_options(load_benchmark):
     bench = load_benchmark("federated")
     labels = ["mops", "mops@rounds=20,local_steps=5", "single", "single@rounds=20,local_steps=5", "prompt-equal",
-              "single:lr=0.1"]
-    assert bench.like_for_like("mops", labels) == ["single", "prompt-equal", "single:lr=0.1"]
+              "single:lr=0.1", "single:lr=0.3", "lora", "lora:lora_lr=0.01"]
+    assert bench.like_for_like("mops", labels) == ["single", "prompt-equal", "single:lr=0.3", "lora",
+                                                   "lora:lora_lr=0.01"]  # 0.3: the default rate, written out
     assert bench.like_for_like("mops@rounds=20,local_steps=5", labels) == ["single@rounds=20,local_steps=5"]
     assert bench.like_for_like("mops@strategy=fedavgm", labels) == []
+
+
+def test_mops_is_compared_with_baselines_trained_alike_in_what_both_read(load_benchmark):
+    bench = load_benchmark("federated")
+    labels = ["single", "single:lr=1.0", "prompt-equal:lr=1.0", "lora", "single:lr=1.0,steps=50"]
+    # a rate raised for the mixture is raised for the prompts too; LoRA reads no prompt rate
+    assert bench.like_for_like("mops:lr=1.0", labels) == ["single:lr=1.0", "prompt-equal:lr=1.0", "lora"]
+    # the gate's own settings leave the baselines as they are
+    assert bench.like_for_like("mops:gate_lr=0,warm_steps=5", labels) == ["single", "lora"]
+    assert bench.like_for_like("mops:lr=1.0,steps=50", labels) == ["single:lr=1.0,steps=50"]
 
 
 def test_a_variant_is_also_compared_with_the_variants_it_adds_options_to(load_benchmark):
