@@ -627,6 +627,8 @@ def markdown(results: dict, stem: str) -> str:
             central = fmt(seed_mean_ppl(seed_runs(runs, s, "centralized", "mops"))) if part == "skew" else ""
             lines.append(f"| {s} | {part} | {fmt(pruned and pruned['ppl'])} | " + " | ".join(row) + f" | {central} |")
     lines += ["", "## Federated MoPs against each baseline", "",
+              "Each MoPs run against the baselines run under the same federated options and trained alike in what "
+              "both read (the prompts' rate, steps, precision; not the gate's settings): "
               "ppl_MoPs / ppl_baseline - 1 with a paired bootstrap 95% interval over the held-out examples (2,000 "
               "resamples, the same for both); per seed, then with each example's NLL averaged over the seeds. "
               "Negative: MoPs is lower (better). Targets: "
@@ -729,14 +731,15 @@ def _communication(results, settings, labels) -> list[str]:
 
 
 def _per_client(results, settings, labels) -> list[str]:
-    """Each client's own share, for every MoPs run against the single prompt run under the same
-    federated options (10 x 10 against 10 x 10, 20 x 5 against 20 x 5)."""
+    """Each client's own share, for every MoPs run against the single prompt it is compared with
+    (:func:`like_for_like`: 10 x 10 against 10 x 10, 20 x 5 against 20 x 5, lr 1.0 against lr 1.0)."""
     runs = results["runs"]
     rows = []
     lines = ["", "## Each client on its own held-out share", "",
              "Each client's share of the held-out examples: every category split over the clients in proportion to "
              "their training examples of it, so a client's share has its own skewed mix (15 of every 18 examples "
-             "of its large categories). Each MoPs run against the single prompt under the same federated options; "
+             "of its large categories). Each MoPs run against the single prompt under the same federated options, "
+             "trained alike; "
              "seeds averaged; `rare`: its large categories' share of all training examples (smaller: rarer tasks).",
              "",
              "| setting | mops | single | client | its large categories | rare | examples | mops ppl | single ppl | "
