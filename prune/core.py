@@ -119,7 +119,7 @@ def _quiet_llmcompressor(quiet: bool):
     logger.disable("llmcompressor")
     logger.disable("compressed_tensors")
     try:
-        with stderr_kept_aside(quiet):
+        with stderr_kept_aside(quiet=True):  # past the early return: always quiet here
             yield
     finally:
         if previous is None:
