@@ -7,4 +7,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=1
-exec .venv/bin/python -m pytest -n "${MOPS_TEST_WORKERS:-2}" --dist worksteal "$@"
+# --durations: the slowest tests at the end, so a fresh clone's run says where the time goes.
+exec .venv/bin/python -m pytest -n "${MOPS_TEST_WORKERS:-2}" --dist worksteal --durations=15 "$@"
