@@ -70,7 +70,7 @@ BASELINES = ("single", "prompt-equal", "uniform", "lora")
 TARGETS = {"3:4": -0.20, "2:4": -0.10}
 FEDERATION_COST_TARGET = 0.10  # federated MoPs within 10% of centralized MoPs
 STEP_COST_TARGET = 1.5  # a federated client step at most 1.5x a centralized step
-FED_OPTIONS = {"strategy": str, "proximal_mu": float, "server_lr": float, "server_momentum": float,
+FED_OPTIONS = {"strategy": str, "proximal_mu": float, "proximal": str, "server_lr": float, "server_momentum": float,
                "server_betas": str, "server_tau": float, "gate_init": str, "rounds": int, "local_steps": int}
 
 

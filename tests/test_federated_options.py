@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -84,7 +85,10 @@ def test_server_defaults_and_one_line_errors_of_the_config(federated_config):
            ({"eval_every_rounds": 0}, "--eval-every-rounds 0"),
            ({"lora_rank": 0}, "--lora-rank 0"),
            ({"method": "mops:mixed_precision=fp16"}, "--mixed-precision fp16: federated clients train in float32 or bf16"),
-           ({"method": "mops:distill=0.5"}, "--distill 0.5: federated clients do not distill")]
+           ({"method": "mops:distill=0.5"}, "--distill 0.5: federated clients do not distill"),
+           ({"strategy": "fedprox", "proximal": "l2"}, "--proximal 'l2': expected one of loss, decoupled"),
+           ({"proximal": "decoupled"}, "--proximal decoupled: only FedProx pulls"),
+           ({"strategy": "fedprox", "proximal": "decoupled", "proximal_mu": 40.0}, "expected mu <= 33.3333")]
     for over, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
             federated_config("unused", **over).validate()
@@ -104,7 +108,8 @@ def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
              (["--federated", "2", "--method", "mops:top_k=5"], "--top-k 5"),
              (["--federated", "2", "--mixed-precision", "fp16"], "--mixed-precision fp16"),
              (["--federated", "2", "--distill", "0.5"], "--distill 0.5: federated clients do not distill"),
-             (["--federated", "2", "--distill", "0.5", "--teacher", tiny_dir], "--teacher is not supported")]
+             (["--federated", "2", "--distill", "0.5", "--teacher", tiny_dir], "--teacher is not supported"),
+             (["--federated", "2", "--strategy", "fedprox", "--proximal", "both"], "--proximal 'both'")]
     for args, message in cases:
         assert entry(base + args) == 2, args
         err = capsys.readouterr().err
@@ -279,6 +284,47 @@ def test_a_client_trains_under_bf16_autocast_and_sends_float32(tiny_dir, federat
     assert report16["train-loss-first"] == pytest.approx(report32["train-loss-first"], rel=2e-2)
     assert sent16.keys() == sent32.keys() and all(t.dtype == torch.float32 for t in sent16.values())
     assert not torch.equal(sent16["experts.weight"], start["experts.weight"])
+
+
+def test_the_decoupled_proximal_pull_moves_each_tensor_lr_mu_of_the_way_back():
+    """Against a float64 reference: w <- w_global + (1 - lr mu)(w - w_global), each tensor at its
+    own group's learning rate; a tensor no group trains stays put."""
+    from mops.federated.client_app import pull_toward
+
+    torch.manual_seed(0)
+    fast, slow, frozen = (torch.nn.Parameter(torch.randn(3, 4)) for _ in range(3))
+    anchor = {n: torch.randn(3, 4) for n in ("fast", "slow", "frozen")}
+    tensors = {"fast": fast, "slow": slow, "frozen": frozen}
+    before = {n: p.detach().double().clone() for n, p in tensors.items()}
+    optimizer = torch.optim.AdamW([{"params": [fast], "lr": 0.5}, {"params": [slow], "lr": 0.01}])
+    pull_toward(optimizer, tensors, anchor, mu=0.4)
+    for name, lr in (("fast", 0.5), ("slow", 0.01)):
+        a = anchor[name].double()
+        assert torch.allclose(tensors[name].double(), a + (1 - lr * 0.4) * (before[name] - a), rtol=0, atol=1e-6), name
+    assert torch.equal(frozen.double(), before["frozen"])
+
+
+def test_a_decoupled_fedprox_client_takes_fedavg_s_step_then_pulls_back(tiny_dir, federated_config):
+    """One local step: the decoupled client's loss is FedAvg's (nothing added to it) and its
+    tensors land 1 - lr mu of FedAvg's way from the global ones; the proximal term added to the
+    loss instead moves them elsewhere."""
+    from mops.federated.client_app import local_train
+    from mops.federated.methods import Trainee, setup_for
+
+    plain = federated_config(tiny_dir, local_steps=1)
+    decoupled = federated_config(tiny_dir, local_steps=1, strategy="fedprox", proximal="decoupled", proximal_mu=5.0)
+    in_loss = federated_config(tiny_dir, local_steps=2, strategy="fedprox", proximal_mu=5.0)
+    start = Trainee(setup_for(plain), [], plain.seed).state()
+    sent, report = local_train(plain, 0, 2, start)
+    pulled, report_pulled = local_train(decoupled, 0, 2, start, proximal_mu=5.0)
+    assert report_pulled["train-loss-first"] == report["train-loss-first"]
+    rates = {"experts.weight": plain.train_config().lr}  # the gate's tensors move at gate_lr
+    for name, lr in rates.items():
+        expected = start[name].double() + (1 - lr * 5.0) * (sent[name].double() - start[name].double())
+        assert torch.allclose(pulled[name].double(), expected, rtol=0, atol=1e-6), name
+    two_in_loss, _ = local_train(in_loss, 0, 2, start, proximal_mu=5.0)
+    two_decoupled, _ = local_train(replace(decoupled, local_steps=2), 0, 2, start, proximal_mu=5.0)
+    assert not torch.allclose(two_in_loss["experts.weight"], two_decoupled["experts.weight"])
 
 
 def test_a_client_follows_the_run_s_learning_rate_schedule_across_rounds(tiny_dir, federated_config):

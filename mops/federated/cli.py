@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 
 from mops.cli_common import held_out_line
 from mops.errors import UserError
-from mops.federated.config import GATE_INITS, SCORE_SPLITS, STRATEGIES, FederatedConfig
+from mops.federated.config import GATE_INITS, PROXIMAL_FORMS, SCORE_SPLITS, STRATEGIES, FederatedConfig
 from mops.federated.partition import SCHEMES
 
 
@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--alpha", type=float, default=0.5, help="dirichlet: the concentration (default: 0.5)")
     f.add_argument("--strategy", default="fedavg", help=f"{', '.join(STRATEGIES)} (default: fedavg)")
     f.add_argument("--proximal-mu", type=float, default=0.01, help="fedprox: the proximal weight mu (default: 0.01)")
+    f.add_argument("--proximal", default="loss", help=f"fedprox, {' or '.join(PROXIMAL_FORMS)}: mu/2 ||w - w_global||^2 "
+                   "added to each client's loss (as published), or, decoupled from the gradients as AdamW decouples "
+                   "weight decay, each tensor moved lr x mu of the way back to the global weights after every local "
+                   "step (default: loss)")
     f.add_argument("--min-clients", type=int, help="a round needs replies from this many clients, else the run stops "
                    "(resumable) (default: more than half)")
     f.add_argument("--round-timeout", type=float, default=3600.0, help="seconds to wait for a round's replies; "
@@ -83,6 +87,7 @@ def config_from_args(args) -> FederatedConfig:
                            local_steps=args.local_steps, limit_per_source=args.limit_per_source,
                            partition=args.partition, total_examples=args.fed_examples, skew_ratio=args.skew_ratio,
                            alpha=args.alpha, strategy=args.strategy, proximal_mu=args.proximal_mu,
+                           proximal=args.proximal,
                            min_clients=args.min_clients, round_timeout=args.round_timeout,
                            mixture=asdict(mixture), train=asdict(train), test_examples=args.test_examples,
                            device=args.device, method=args.method, lora_rank=args.lora_rank, server_lr=args.server_lr,

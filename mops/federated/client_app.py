@@ -6,7 +6,8 @@ global tensors. The client keeps its frozen base in the process (loaded once, ch
 against the server's weights hash; LoRA methods inject their adapters into it once), and
 its tokenized records too; it trains for E local steps on its own partition
 (response-only loss, AdamW with the experts' and the gate's learning rates, a fresh
-optimizer each round, as FedAvg clients do; FedProx adds mu/2 ||w - w_global||^2), and
+optimizer each round, as FedAvg clients do; FedProx adds mu/2 ||w - w_global||^2 to the loss,
+or, decoupled, moves each tensor lr x mu of the way back after every step), and
 replies with the tensors it changed, its example count (the FedAvg weight) and how long
 each part took.
 
@@ -83,6 +84,17 @@ def gate_examples(config: FederatedConfig, partition_id: int, tokenizer):
     return [encode_example(tokenizer, r, tc.max_len) for r in subset], targets
 
 
+@torch.no_grad()
+def pull_toward(optimizer, tensors: dict, anchor: dict, mu: float) -> None:
+    """FedProx's pull, decoupled from the gradients: each named tensor moves lr x mu of the way
+    back to its anchor (its group's learning rate now), whatever the scale of its gradients."""
+    rate = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    for name, start in anchor.items():
+        p = tensors[name]
+        if id(p) in rate:  # a tensor no group trains stays where it is
+            p.lerp_(start, rate[id(p)] * mu)
+
+
 def local_train(config: FederatedConfig, partition_id: int, server_round: int, global_state: dict,
                 proximal_mu: float = 0.0) -> tuple[dict, dict]:
     """Train from ``global_state`` for ``config.local_steps`` steps; return the tensors to
@@ -104,6 +116,7 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         report["gate-pretrain-examples"] = len(sub_examples)
     watch.lap("gate_pretrain")
     anchor = {n: p.detach().clone() for n, p in trainee.tensors().items()} if proximal_mu > 0 else {}
+    decoupled = bool(anchor) and config.proximal == "decoupled"
     optimizer = torch.optim.AdamW(trainable_groups(lm, tc, trainee.extra_params), weight_decay=0.0)
     order = BatchOrder(len(examples), tc.batch_size, tc.grad_accum, round_seed(config.seed, partition_id, server_round))
     # bf16 autocast, as centralized training: the upper layers' products only; the lower layers'
@@ -120,13 +133,15 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
             with autocast(precision, device):
                 out = training_loss(lm, batch, tc, (server_round - 1) * config.local_steps + step, micro, lower)
             loss = out.loss
-            if anchor:
+            if anchor and not decoupled:
                 params = trainee.tensors()
                 loss = loss + proximal_mu / 2 * sum(((params[n] - a) ** 2).sum() for n, a in anchor.items())
             (loss / tc.grad_accum).backward()
             loss_sum += out.lm_loss / tc.grad_accum
         schedule_lr(optimizer, tc, (server_round - 1) * config.local_steps + step, config.rounds * config.local_steps)
         optimizer.step()
+        if decoupled:
+            pull_toward(optimizer, trainee.tensors(), anchor, proximal_mu)
         losses.append(loss_sum)
     watch.lap("train")
     state = trainee.state(uploaded_names(config, trainee))

@@ -20,6 +20,12 @@ from mops.mixture import MixtureConfig
 from mops.train import TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam")
+#: how a FedProx client pulls toward the round's global weights: ``loss`` adds mu/2 ||w - w_global||^2
+#: to its loss (FedProx as published, where the local solver is SGD; under AdamW the term's gradient
+#: is normalised with the loss's, so once it outweighs a small prompt gradient every coordinate
+#: swings back and forth by the learning rate); ``decoupled`` leaves the loss alone and moves each
+#: tensor lr x mu of the way back after every optimizer step, as AdamW decouples weight decay
+PROXIMAL_FORMS = ("loss", "decoupled")
 #: where the gate is pretrained on category labels: on each client in round 1, then averaged
 #: with everything else (FedAvg of the gate); or once on the server, before round 1, on the
 #: union of every client's pooled gate inputs and labels
@@ -49,6 +55,7 @@ class FederatedConfig:
     alpha: float = 0.5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
+    proximal: str = "loss"  # one of PROXIMAL_FORMS
     min_clients: int | None = None  # None: more than half of the clients
     round_timeout: float = 3600.0  # seconds the server waits for a round's replies
     mixture: dict = field(default_factory=lambda: asdict(MixtureConfig()))  # the MoPs budget every method is sized from
@@ -131,6 +138,7 @@ class FederatedConfig:
             raise UserError(f"--strategy {self.strategy!r}: expected one of {', '.join(STRATEGIES)}")
         if self.strategy == "fedprox" and not self.proximal_mu > 0:
             raise UserError(f"--proximal-mu {self.proximal_mu}: FedProx needs a positive proximal weight")
+        self._validate_proximal()
         self._validate_server_optimiser()
         if self.gate_init not in GATE_INITS:
             raise UserError(f"--gate-init {self.gate_init!r}: expected one of {', '.join(GATE_INITS)}")
@@ -156,6 +164,20 @@ class FederatedConfig:
                             "need the dense model beside the pruned one); drop it")
         if self.test_examples < 0:
             raise UserError(f"--test-examples {self.test_examples}: expected 0 or more")
+
+    def _validate_proximal(self) -> None:
+        if self.proximal not in PROXIMAL_FORMS:
+            raise UserError(f"--proximal {self.proximal!r}: expected one of {', '.join(PROXIMAL_FORMS)}")
+        if self.proximal != "loss" and self.strategy != "fedprox":
+            raise UserError(f"--proximal {self.proximal}: only FedProx pulls toward the global weights; "
+                            "add --strategy fedprox")
+        if self.strategy == "fedprox" and self.proximal == "decoupled":
+            tc = self.train_config()
+            rate = max(tc.lr, tc.gate_lr, tc.lora_lr)
+            if self.proximal_mu * rate > 1:
+                raise UserError(f"--proximal-mu {self.proximal_mu}: the decoupled pull moves lr x mu of the way back "
+                                f"each step, at most all of it; with a learning rate of {rate:g} expected mu <= "
+                                f"{1 / rate:g}")
 
     def _validate_server_optimiser(self) -> None:
         allowed = SERVER_DEFAULTS.get(self.strategy, {})
