@@ -355,3 +355,24 @@ def test_ray_counts_only_the_cores_this_process_may_run_on(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert simulation.ray_backend(0.5, 0.0, quiet=False)["init_args"] == {
         "num_cpus": 2, "logging_level": "WARNING", "log_to_driver": True, "include_dashboard": False}
+
+
+def test_a_checkpoint_from_before_a_setting_existed_resumes_under_its_default(tmp_path, federated_config):
+    """A server checkpoint written before ``proximal`` (or a training field) existed resumes when
+    the run keeps that setting's default, which is what the older code did; not under another value."""
+    from mops.federated.server_app import CKPT_STATE, load_server_checkpoint, save_server_checkpoint
+
+    config = federated_config("unused", strategy="fedprox")
+    folder = tmp_path / "ckpt"
+    save_server_checkpoint(folder, {"w": torch.zeros(2)}, {"m": torch.zeros(1)}, 3, {"rounds": []}, config)
+    state = json.loads((folder / CKPT_STATE).read_text())
+    del state["fingerprint"]["proximal"], state["fingerprint"]["train"]["lr_schedule"]  # as an older version wrote it
+    (folder / CKPT_STATE).write_text(json.dumps(state))
+    tensors, _, completed, _ = load_server_checkpoint(folder, config)
+    assert completed == 3 and torch.equal(tensors["w"], torch.zeros(2))
+    with pytest.raises(UserError, match="was made with other proximal;"):
+        load_server_checkpoint(folder, replace(config, proximal="decoupled"))
+    state["fingerprint"]["proximal_mu"] = 0.5
+    (folder / CKPT_STATE).write_text(json.dumps(state))
+    with pytest.raises(UserError, match="was made with other proximal_mu;"):
+        load_server_checkpoint(folder, config)

@@ -90,12 +90,25 @@ def save_server_checkpoint(folder: Path, state: dict, optimiser: dict, completed
                                                    "fingerprint": config.fingerprint()}))
 
 
+def with_defaults(saved: dict, defaults: dict) -> dict:
+    """A checkpoint's fingerprint with the settings added since it was written at their
+    defaults: a new setting's default keeps what the code did before it existed."""
+    out = dict(saved)
+    for key, value in defaults.items():
+        if key not in out:
+            out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = with_defaults(out[key], value)
+    return out
+
+
 def load_server_checkpoint(folder: Path, config: FederatedConfig) -> tuple[dict, dict, int, dict]:
     """(global tensors, server optimiser moments, completed rounds, history)."""
     if not (folder / CKPT_STATE).is_file():
         raise UserError(f"--resume: no federated checkpoint at {folder}; start without --resume")
     state = json.loads((folder / CKPT_STATE).read_text())
-    saved, now = state["fingerprint"], config.fingerprint()
+    now = config.fingerprint()
+    saved = with_defaults(state["fingerprint"], type(config)(base="", data=[]).fingerprint())
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"--resume: the checkpoint at {folder} was made with other {', '.join(changed)}; "
