@@ -376,3 +376,14 @@ def test_a_checkpoint_from_before_a_setting_existed_resumes_under_its_default(tm
     (folder / CKPT_STATE).write_text(json.dumps(state))
     with pytest.raises(UserError, match="was made with other proximal_mu;"):
         load_server_checkpoint(folder, config)
+
+
+def test_a_superlink_run_config_chooses_the_proximal_form():
+    """`flwr run` reads the form from ``[tool.flwr.app.config]`` too (key ``proximal``)."""
+    from mops.federated.server_app import config_from_run_config
+
+    config, _ = config_from_run_config({"base": "unused", "data": "dolly", "strategy": "fedprox",
+                                        "proximal-mu": 0.1, "proximal": "decoupled"})
+    assert (config.strategy, config.proximal_mu, config.proximal) == ("fedprox", 0.1, "decoupled")
+    with pytest.raises(UserError, match="--proximal 'sgd'"):
+        config_from_run_config({"base": "unused", "data": "dolly", "strategy": "fedprox", "proximal": "sgd"})

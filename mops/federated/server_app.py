@@ -385,7 +385,8 @@ def make_server_app(server: FederatedServer) -> ServerApp:
 RUN_CONFIG_KEYS = {  # [tool.flwr.app.config] key -> (FederatedConfig field, type)
     "clients": ("n_clients", int), "rounds": ("rounds", int), "local-steps": ("local_steps", int),
     "partition": ("partition", str), "fed-examples": ("total_examples", int), "alpha": ("alpha", float),
-    "strategy": ("strategy", str), "proximal-mu": ("proximal_mu", float), "proximal": ("proximal", str), "min-clients": ("min_clients", int),
+    "strategy": ("strategy", str), "proximal-mu": ("proximal_mu", float), "proximal": ("proximal", str),
+    "min-clients": ("min_clients", int),
     "round-timeout": ("round_timeout", float), "test-examples": ("test_examples", int),
     "limit-per-source": ("limit_per_source", int), "method": ("method", str), "lora-rank": ("lora_rank", int),
     "server-lr": ("server_lr", float), "server-momentum": ("server_momentum", float), "gate-init": ("gate_init", str),
