@@ -33,7 +33,7 @@ finished runs and continues a killed federated run from its last completed round
 A method is ``LABEL[:key=value,...][@option=value,...]``: LABEL one of ``mops single
 prompt-equal uniform lora``; ``:`` overrides of the mixture or the training (as in
 ``mops.baselines``); ``@`` federated options of that run (``strategy``, ``proximal_mu``,
-``server_lr``, ``server_momentum``, ``server_betas=B1/B2``, ``server_tau``, ``gate_init``,
+``proximal``, ``server_lr``, ``server_momentum``, ``server_betas=B1/B2``, ``server_tau``, ``gate_init``,
 ``rounds``, ``local_steps``).
 """
 
