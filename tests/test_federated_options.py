@@ -88,10 +88,13 @@ def test_server_defaults_and_one_line_errors_of_the_config(federated_config):
            ({"method": "mops:distill=0.5"}, "--distill 0.5: federated clients do not distill"),
            ({"strategy": "fedprox", "proximal": "l2"}, "--proximal 'l2': expected one of loss, decoupled"),
            ({"proximal": "decoupled"}, "--proximal decoupled: only FedProx pulls"),
-           ({"strategy": "fedprox", "proximal": "decoupled", "proximal_mu": 40.0}, "expected mu <= 33.3333")]
+           ({"strategy": "fedprox", "proximal": "decoupled", "proximal_mu": 40.0}, "expected mu <= 33.3333"),
+           ({"method": "lora", "strategy": "fedprox", "proximal": "decoupled", "proximal_mu": 600.0}, "expected mu <= 500")]
     for over, message in bad:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(".", r"\.")):
             federated_config("unused", **over).validate()
+    # LoRA trains at lora_lr only: the prompts' rate does not bound its pull
+    federated_config("unused", method="lora", strategy="fedprox", proximal="decoupled", proximal_mu=40.0).validate()
 
 
 def test_federated_cli_refuses_bad_new_options(tiny_dir, tmp_path, capsys):
@@ -304,27 +307,34 @@ def test_the_decoupled_proximal_pull_moves_each_tensor_lr_mu_of_the_way_back():
     assert torch.equal(frozen.double(), before["frozen"])
 
 
-def test_a_decoupled_fedprox_client_takes_fedavg_s_step_then_pulls_back(tiny_dir, federated_config):
-    """One local step: the decoupled client's loss is FedAvg's (nothing added to it) and its
-    tensors land 1 - lr mu of FedAvg's way from the global ones; the proximal term added to the
-    loss instead moves them elsewhere."""
-    from mops.federated.client_app import local_train
+def test_a_decoupled_fedprox_client_takes_fedavg_s_step_then_pulls_back(tiny_dir, federated_config, monkeypatch):
+    """One local step: every tensor lands 1 - lr mu of FedAvg's way from the global one, at its
+    own group's rate (the experts at lr, the gate at gate_lr). Two steps with the pull switched
+    off: exactly FedAvg's, so nothing went into the loss; the proximal term in the loss does move them."""
+    from mops.federated import client_app
     from mops.federated.methods import Trainee, setup_for
 
     plain = federated_config(tiny_dir, local_steps=1)
     decoupled = federated_config(tiny_dir, local_steps=1, strategy="fedprox", proximal="decoupled", proximal_mu=5.0)
-    in_loss = federated_config(tiny_dir, local_steps=2, strategy="fedprox", proximal_mu=5.0)
     start = Trainee(setup_for(plain), [], plain.seed).state()
-    sent, report = local_train(plain, 0, 2, start)
-    pulled, report_pulled = local_train(decoupled, 0, 2, start, proximal_mu=5.0)
-    assert report_pulled["train-loss-first"] == report["train-loss-first"]
-    rates = {"experts.weight": plain.train_config().lr}  # the gate's tensors move at gate_lr
-    for name, lr in rates.items():
+    sent, _ = client_app.local_train(plain, 0, 2, start)
+    pulled, _ = client_app.local_train(decoupled, 0, 2, start, proximal_mu=5.0)
+    tc = plain.train_config()
+    assert {n.split(".")[0] for n in sent} == {"experts", "gate"}
+    for name in sent:
+        lr = tc.lr if name.startswith("experts") else tc.gate_lr
         expected = start[name].double() + (1 - lr * 5.0) * (sent[name].double() - start[name].double())
-        assert torch.allclose(pulled[name].double(), expected, rtol=0, atol=1e-6), name
-    two_in_loss, _ = local_train(in_loss, 0, 2, start, proximal_mu=5.0)
-    two_decoupled, _ = local_train(replace(decoupled, local_steps=2), 0, 2, start, proximal_mu=5.0)
-    assert not torch.allclose(two_in_loss["experts.weight"], two_decoupled["experts.weight"])
+        assert not torch.equal(sent[name], start[name]), name
+        assert torch.allclose(pulled[name].double(), expected, rtol=0, atol=1e-7), name
+
+    two = {"local_steps": 2}
+    fedavg, _ = client_app.local_train(replace(plain, **two), 0, 2, start)
+    in_loss, _ = client_app.local_train(replace(decoupled, proximal="loss", **two), 0, 2, start, proximal_mu=5.0)
+    monkeypatch.setattr(client_app, "pull_toward", lambda *args: None)
+    unpulled, _ = client_app.local_train(replace(decoupled, **two), 0, 2, start, proximal_mu=5.0)
+    for name in fedavg:
+        assert torch.equal(unpulled[name], fedavg[name]), name
+    assert not torch.allclose(in_loss["experts.weight"], fedavg["experts.weight"])
 
 
 def test_a_client_follows_the_run_s_learning_rate_schedule_across_rounds(tiny_dir, federated_config):
@@ -357,21 +367,27 @@ def test_ray_counts_only_the_cores_this_process_may_run_on(monkeypatch):
         "num_cpus": 2, "logging_level": "WARNING", "log_to_driver": True, "include_dashboard": False}
 
 
-def test_a_checkpoint_from_before_a_setting_existed_resumes_under_its_default(tmp_path, federated_config):
-    """A server checkpoint written before ``proximal`` (or a training field) existed resumes when
-    the run keeps that setting's default, which is what the older code did; not under another value."""
+def test_a_checkpoint_from_before_a_setting_existed_resumes_under_its_old_behaviour(tmp_path, federated_config):
+    """A server checkpoint written before ``proximal`` existed resumes under ``loss`` (what the
+    older code did), not under another form; a missing setting that is not known to be harmless
+    still refuses."""
     from mops.federated.server_app import CKPT_STATE, load_server_checkpoint, save_server_checkpoint
 
     config = federated_config("unused", strategy="fedprox")
     folder = tmp_path / "ckpt"
     save_server_checkpoint(folder, {"w": torch.zeros(2)}, {"m": torch.zeros(1)}, 3, {"rounds": []}, config)
     state = json.loads((folder / CKPT_STATE).read_text())
-    del state["fingerprint"]["proximal"], state["fingerprint"]["train"]["lr_schedule"]  # as an older version wrote it
+    del state["fingerprint"]["proximal"]  # as an older version wrote it
     (folder / CKPT_STATE).write_text(json.dumps(state))
     tensors, _, completed, _ = load_server_checkpoint(folder, config)
     assert completed == 3 and torch.equal(tensors["w"], torch.zeros(2))
     with pytest.raises(UserError, match="was made with other proximal;"):
         load_server_checkpoint(folder, replace(config, proximal="decoupled"))
+    del state["fingerprint"]["train"]["lora_lr"]  # federated LoRA trained at lr before lora_lr existed
+    (folder / CKPT_STATE).write_text(json.dumps(state))
+    with pytest.raises(UserError, match="was made with other train;"):
+        load_server_checkpoint(folder, config)
+    state["fingerprint"]["train"]["lora_lr"] = config.train["lora_lr"]
     state["fingerprint"]["proximal_mu"] = 0.5
     (folder / CKPT_STATE).write_text(json.dumps(state))
     with pytest.raises(UserError, match="was made with other proximal_mu;"):

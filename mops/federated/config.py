@@ -174,7 +174,7 @@ class FederatedConfig:
                             "add --strategy fedprox")
         if self.strategy == "fedprox" and self.proximal == "decoupled":
             tc = self.train_config()
-            rate = max(tc.lr, tc.gate_lr, tc.lora_lr)
+            rate = tc.lora_lr if self.is_lora else max(tc.lr, tc.gate_lr)  # the rates of what the method trains
             if self.proximal_mu * rate > 1:
                 raise UserError(f"--proximal-mu {self.proximal_mu}: the decoupled pull moves lr x mu of the way back "
                                 f"each step, at most all of it; with a learning rate of {rate:g} expected mu <= "

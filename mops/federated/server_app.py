@@ -90,16 +90,10 @@ def save_server_checkpoint(folder: Path, state: dict, optimiser: dict, completed
                                                    "fingerprint": config.fingerprint()}))
 
 
-def with_defaults(saved: dict, defaults: dict) -> dict:
-    """A checkpoint's fingerprint with the settings added since it was written at their
-    defaults: a new setting's default keeps what the code did before it existed."""
-    out = dict(saved)
-    for key, value in defaults.items():
-        if key not in out:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(out[key], dict):
-            out[key] = with_defaults(out[key], value)
-    return out
+#: settings added after server checkpoints were first written, each at the value that does what
+#: the code did before it existed: a checkpoint without the key resumes under that value only.
+#: (Not every default qualifies: ``lora_lr`` came after federated LoRA, which had trained at ``lr``.)
+ADDED_SETTINGS = {"proximal": "loss"}
 
 
 def load_server_checkpoint(folder: Path, config: FederatedConfig) -> tuple[dict, dict, int, dict]:
@@ -108,7 +102,7 @@ def load_server_checkpoint(folder: Path, config: FederatedConfig) -> tuple[dict,
         raise UserError(f"--resume: no federated checkpoint at {folder}; start without --resume")
     state = json.loads((folder / CKPT_STATE).read_text())
     now = config.fingerprint()
-    saved = with_defaults(state["fingerprint"], type(config)(base="", data=[]).fingerprint())
+    saved = ADDED_SETTINGS | state["fingerprint"]
     changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
     if changed:
         raise UserError(f"--resume: the checkpoint at {folder} was made with other {', '.join(changed)}; "
