@@ -6,9 +6,10 @@ server's initial tensors, with FedProx's mu/2 ||w - w_global||^2 in the loss, as
 for the prompt's vectors (``experts.weight``), the mean absolute gradient, how much of it is the
 proximal term's (mu |w - w_global|), the loss's own, and how far the prompt has moved. AdamW
 divides each coordinate's step by the root of its running squared gradient, so its first step
-moves every coordinate by the learning rate; from then on the proximal gradient is
-mu x lr per coordinate, and where that outweighs the loss's gradient the steps after the first
-mostly undo it. ``--proximal decoupled`` avoids this (see ``mops.federated.client_app.pull_toward``).
+moves every coordinate by the learning rate, and at the second the proximal gradient is mu x lr
+per coordinate; where that outweighs the loss's gradient, the normalised steps that follow answer
+the pull more than the loss. ``--proximal decoupled`` avoids this (see
+``mops.federated.client_app.pull_toward``).
 
     python benchmarks/fedprox_gradients.py --base runs/recovery/smollm2-135m-sparsegpt-3of4-calib64x256-seed0 \\
         --method prompt:lr=1.0 --mu 0.01
