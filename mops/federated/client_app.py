@@ -115,6 +115,8 @@ def local_train(config: FederatedConfig, partition_id: int, server_round: int, g
         report["gate-pretrain-loss"] = pretrain_gate(lm, sub_examples, targets, tc, progress=False, lower=lower)[-1]
         report["gate-pretrain-examples"] = len(sub_examples)
     watch.lap("gate_pretrain")
+    # FedProx's anchor: the global tensors, after round 1's gate pretraining (that pretraining is the
+    # gate's initialisation under gate_init=clients, so the pull does not undo it)
     anchor = {n: p.detach().clone() for n, p in trainee.tensors().items()} if proximal_mu > 0 else {}
     decoupled = bool(anchor) and config.proximal == "decoupled"
     optimizer = torch.optim.AdamW(trainable_groups(lm, tc, trainee.extra_params), weight_decay=0.0)
