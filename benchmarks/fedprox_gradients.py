@@ -35,11 +35,11 @@ def main(argv=None) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-    from mops.data import encode_example, stratified_subset
     from mops.federated import cli as federated
     from mops.federated.client_app import local_train
     from mops.federated.common import load_splits
-    from mops.federated.methods import Trainee, setup_for
+    from mops.federated.methods import setup_for
+    from mops.federated.server_app import server_start
     from mops.recover_cli import build_parser
 
     parser = build_parser()
@@ -50,11 +50,8 @@ def main(argv=None) -> None:
              "--out", os.devnull, "--seed", "0", "--split-seed", "0"]
     config = federated.config_from_args(parser.parse_args(flags))
     config.validate()
-    # the server's round-1 tensors: the experts start from real activations of its validation inputs
-    setup, tc = setup_for(config), config.train_config()
-    val = stratified_subset(load_splits(config)["validation"], tc.eval_examples, config.data_seed)
-    start = Trainee(setup, [encode_example(setup.tokenizer, r, tc.max_len) for r in val], config.seed,
-                    initialise=True).state()
+    _, trainee = server_start(config, setup_for(config), load_splits(config))
+    start = trainee.state()  # the server's round-1 tensors
     w0 = start["experts.weight"]
 
     print(f"|w_global| {w0.abs().mean():.3f} (mean absolute coordinate of the prompt)")

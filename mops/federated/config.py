@@ -172,7 +172,7 @@ class FederatedConfig:
         if self.proximal != "loss" and self.strategy != "fedprox":
             raise UserError(f"--proximal {self.proximal}: only FedProx pulls toward the global weights; "
                             "add --strategy fedprox")
-        if self.strategy == "fedprox" and self.proximal == "decoupled":
+        if self.proximal == "decoupled":  # and so FedProx (above)
             tc = self.train_config()
             rate = tc.lora_lr if self.is_lora else max(tc.lr, tc.gate_lr)  # the rates of what the method trains
             if self.proximal_mu * rate > 1:

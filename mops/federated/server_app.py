@@ -96,6 +96,15 @@ def save_server_checkpoint(folder: Path, state: dict, optimiser: dict, completed
 ADDED_SETTINGS = {"proximal": "loss"}
 
 
+def server_start(config: FederatedConfig, setup, splits: dict) -> tuple[list, Trainee]:
+    """The server's validation examples and its round-1 tensors: the global experts start from
+    real activations of those (validation) inputs; LoRA starts as its injection left it."""
+    tc = config.train_config()
+    val = stratified_subset(splits["validation"], tc.eval_examples, config.data_seed)
+    examples = [encode_example(setup.tokenizer, r, tc.max_len) for r in val]
+    return val, Trainee(setup, examples, config.seed, initialise=not setup.lora)
+
+
 def load_server_checkpoint(folder: Path, config: FederatedConfig) -> tuple[dict, dict, int, dict]:
     """(global tensors, server optimiser moments, completed rounds, history)."""
     if not (folder / CKPT_STATE).is_file():
@@ -291,12 +300,8 @@ class FederatedServer:
         one_off = {"startup": self.started.lap("startup")} if self.started else {}  # Ray and Flower coming up
         watch = Stopwatch()
         self.setup = setup_for(c)
-        tc = c.train_config()
         splits = load_splits(c)
-        self.val = stratified_subset(splits["validation"], tc.eval_examples, c.data_seed)
-        # The global experts start from real activations of the server's own (validation) inputs.
-        init_examples = [encode_example(self.setup.tokenizer, r, tc.max_len) for r in self.val]
-        self.trainee = Trainee(self.setup, init_examples, c.seed, initialise=not self.setup.lora)
+        self.val, self.trainee = server_start(c, self.setup, splits)
         self.strategy = make_strategy(c)
         up = uploaded_names(c, self.trainee)
         one_off["server_setup"] = watch.lap("server setup")
